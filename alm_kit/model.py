@@ -159,14 +159,16 @@ class AudioLanguageModel(nn.Module):
         return self.projector(fused, prompt)
 
     def decoder_inputs(self, batch: Batch, *, for_generation: bool,
-                       max_response_tokens: int | None = None) -> DecoderInputs:
-        text = self.layout.tokenize(batch.prompts, None if for_generation else batch.responses)
+                       max_response_tokens: int | None = None, thinking: bool | None = None) -> DecoderInputs:
+        options = {} if thinking is None else {"thinking": thinking}
+        text = self.layout.tokenize(batch.prompts, None if for_generation else batch.responses, **options)
         if max_response_tokens is not None and text.response_ids is not None:
             text.truncated = sum(len(r) > max_response_tokens for r in text.response_ids)
             text.response_ids = [r[:max_response_tokens] for r in text.response_ids]
         tokens = self.audio_tokens(self.batch_features(batch), text, batch.clips_per_example)
         inputs = self.layout.assemble(text, tokens, batch.clips_per_example, for_generation)
         inputs.truncated = text.truncated
+        inputs.text = text
         return inputs
 
     def forward(self, batch: Batch, max_response_tokens: int | None = None) -> LossOutput:

@@ -1,23 +1,41 @@
-"""Batched generation: every clip of a batch encoded in one call, the prompt prefix built by the
-recipe's layout, tokens produced by transformers' ``generate`` with a KV cache."""
+"""Batched generation for every recipe: one engine behind the Python API, the CLI, eval and the server.
+
+A batch is prepared once: each distinct clip is decoded, resampled per encoder
+and encoded in one encoder call (a clip used twice in a batch is encoded
+once); the recipe's layout builds the left-padded prefix; the decode loop
+(:mod:`alm_kit.inference.decode`) produces the tokens with a preallocated KV
+cache. A bad example (unreadable or empty audio, NaN samples, too many clips,
+a prompt that does not fit the context) gets an error of its own; the rest of
+the batch still completes.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from alm_kit.audio.io import check_waveform, load_audio, prepare_for_specs
+from alm_kit.audio.io import AudioBlob, check_waveform, load_audio, prepare_for_specs
 from alm_kit.config.schema import GenerationConfig
 from alm_kit.data.batch import Batch, collate_waveforms
+from alm_kit.errors import AlmKitError
+from alm_kit.inference.decode import RowMonitor, RowOutput, decode, end_token_ids, single_token_id
+from alm_kit.interfaces import AudioFeatures
 from alm_kit.model import AudioLanguageModel
+from alm_kit.text.thinking import THINK_CLOSE, THINK_OPEN
 
-#: a path, or a waveform with its sample rate
-AudioInput = str | Path | tuple[np.ndarray, int]
+#: a path, encoded bytes, or a waveform (numpy array or tensor) with its sample rate
+AudioInput = str | Path | AudioBlob | tuple[Any, int]
+
+
+class GenerationError(AlmKitError):
+    """One example could not be answered (the message says which and why)."""
 
 
 @dataclass
@@ -28,74 +46,248 @@ class Request:
     meta: dict = field(default_factory=dict)
 
 
-def _clip(audio: AudioInput) -> tuple[np.ndarray, int, str]:
-    if isinstance(audio, (str, Path)):
+@dataclass
+class Generation:
+    """One answer. ``text`` is everything generated (thought included, special tokens removed);
+    thinking decoders also fill ``thought`` and ``answer`` separately."""
+
+    id: str
+    text: str = ""
+    answer: str = ""
+    thought: str | None = None
+    #: "stop" (end token), "stop_string", "length", or "error"
+    finish_reason: str = "error"
+    tokens: list[int] = field(default_factory=list)
+    #: the thought was closed by the thinking budget
+    budget_hit: bool = False
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class _Clip:
+    key: str
+    fitted: dict[str, tuple[np.ndarray, int]]
+
+
+def _clip_source(audio: AudioInput, where: str) -> tuple[np.ndarray, int, str]:
+    if isinstance(audio, (str, Path, AudioBlob)):
         wave, rate = load_audio(audio)
-        return wave, rate, str(audio)
+        return check_waveform(wave, str(audio)), rate, f"file:{audio}"
+    if not (isinstance(audio, tuple) and len(audio) == 2):
+        raise GenerationError(f"{where}: audio must be a path, bytes (AudioBlob) or (waveform, sample_rate), "
+                              f"got {type(audio).__name__}")
     wave, rate = audio
     if isinstance(wave, torch.Tensor):
-        wave = wave.detach().cpu().numpy()
-    return check_waveform(wave), int(rate), f"<array {id(wave)}>"
+        wave = wave.detach().float().cpu().numpy()
+    if not isinstance(rate, (int, np.integer)) or rate <= 0:
+        raise GenerationError(f"{where}: sample rate must be a positive integer, got {rate!r}")
+    return check_waveform(wave, where), int(rate), f"array:{id(audio[0])}"
 
 
-def make_batch(model: AudioLanguageModel, requests: Sequence[Request]) -> Batch:
-    specs = model.audio_specs
-    clips, keys = [], []
-    for request in requests:
-        for audio in request.audio:
-            wave, rate, key = _clip(audio)
-            clips.append(prepare_for_specs(wave, rate, specs, train=False))
-            keys.append(key)
-    waveforms, lengths = collate_waveforms(clips, list(specs))
-    return Batch(
-        ids=[r.id for r in requests], prompts=[r.prompt for r in requests], responses=None,
-        clips_per_example=[len(r.audio) for r in requests], clip_keys=keys,
-        waveforms=waveforms, lengths=lengths,
-    )
+def _check_clip_count(model: AudioLanguageModel, request: Request, where: str) -> None:
+    limit = model.layout.max_audios
+    if not request.audio:
+        raise GenerationError(f"{where}: no audio given")
+    if limit is not None and len(request.audio) > limit:
+        raise GenerationError(f"{where}: {len(request.audio)} audio clips, but this recipe's layout takes at most "
+                              f"{limit}")
 
 
-@torch.no_grad()
-def generate_batch(model: AudioLanguageModel, batch: Batch, gen: GenerationConfig) -> list[str]:
-    device = model.device
-    use_bf16 = device.type == "cuda"
-    with torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else torch.autocast("cpu", enabled=False):
-        inputs = model.decoder_inputs(batch, for_generation=True)
-        tok = model.decoder.tokenizer
-        mask = inputs.attention_mask
-        if mask is None:
-            mask = torch.ones(inputs.inputs_embeds.shape[:2], dtype=torch.long, device=device)
-        eos = model.layout.end_token_id()
-        kwargs = dict(
-            inputs_embeds=inputs.inputs_embeds, attention_mask=mask, max_new_tokens=gen.max_new_tokens,
-            do_sample=gen.do_sample, num_beams=gen.num_beams, repetition_penalty=gen.repetition_penalty,
-            eos_token_id=eos, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
-        )
-        if gen.do_sample:
-            kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
-        if gen.stop:
-            kwargs.update(stop_strings=list(gen.stop), tokenizer=tok)
-        output = model.decoder.language_model.generate(**kwargs)
-    texts = tok.batch_decode(output, skip_special_tokens=True)
-    return [_cut_at_stop(t, gen.stop).strip() for t in texts]
+def context_length(model: AudioLanguageModel) -> int | None:
+    config = getattr(model.decoder.language_model, "config", None)
+    return getattr(config, "max_position_embeddings", None)
 
 
-def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
-    for stop in stops:
-        if stop and stop in text:
-            text = text[: text.index(stop)]
-    return text
+class InferenceEngine:
+    """Generation for one loaded model. Thread-compatible: one batch at a time."""
+
+    def __init__(self, model: AudioLanguageModel, defaults: GenerationConfig | None = None) -> None:
+        self.model = model.eval()
+        self.defaults = defaults or GenerationConfig()
+        self.tokenizer = model.decoder.tokenizer
+
+    def params(self, **overrides: Any) -> GenerationConfig:
+        """The defaults with ``overrides`` applied (None values are ignored) and validated."""
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(GenerationConfig)})
+        if unknown:
+            allowed = ", ".join(f.name for f in dataclasses.fields(GenerationConfig))
+            raise GenerationError(f"unknown generation setting(s) {', '.join(unknown)}; allowed: {allowed}")
+        try:
+            return dataclasses.replace(self.defaults, **changes)
+        except (TypeError, ValueError) as exc:
+            raise GenerationError(f"bad generation settings: {exc}") from None
+
+    # ------------------------------------------------------------------ preparation
+    def _prepare(self, requests: Sequence[Request]) -> tuple[list[int], list[list[int]], list[_Clip], list[str | None]]:
+        """Decode every distinct clip once. Returns (good request indices, clip ids per good request,
+        distinct clips, per-request error)."""
+        specs = self.model.audio_specs
+        errors: list[str | None] = [None] * len(requests)
+        clips: dict[str, int] = {}
+        distinct: list[_Clip] = []
+        good, refs = [], []
+        for i, request in enumerate(requests):
+            where = f"example {request.id or i}"
+            try:
+                _check_clip_count(self.model, request, where)
+                ids = []
+                for j, audio in enumerate(request.audio):
+                    wave, rate, key = _clip_source(audio, f"{where}, audio {j + 1}")
+                    if key not in clips:
+                        clips[key] = len(distinct)
+                        distinct.append(_Clip(key, prepare_for_specs(wave, rate, specs, train=False)))
+                    ids.append(clips[key])
+            except (AlmKitError, ValueError) as exc:
+                errors[i] = str(exc)
+                continue
+            good.append(i)
+            refs.append(ids)
+        return good, refs, distinct, errors
+
+    def _features(self, distinct: list[_Clip], refs: list[list[int]]) -> dict[str, AudioFeatures]:
+        """All distinct clips through each encoder in one call, then one row per clip reference."""
+        waveforms, lengths = collate_waveforms([c.fitted for c in distinct], list(self.model.audio_specs))
+        with torch.no_grad():
+            encoded = self.model.encode(waveforms, lengths)
+        index = torch.tensor([c for ids in refs for c in ids], device=self.model.device)
+        return {name: AudioFeatures(f.frames[index], f.mask[index], None if f.pooled is None else f.pooled[index])
+                for name, f in encoded.items()}
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate_batch(self, requests: Sequence[Request], params: GenerationConfig) -> list[Generation]:
+        """One batch: every request in one prefix and one decode loop."""
+        model = self.model
+        results = [Generation(id=r.id or str(i)) for i, r in enumerate(requests)]
+        good, refs, distinct, errors = self._prepare(requests)
+        for i, error in enumerate(errors):
+            results[i].error = error
+        if not good:
+            return results
+        device = model.device
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                    else torch.autocast(device.type, enabled=False))
+        with autocast:
+            batch = Batch(ids=[requests[i].id for i in good], prompts=[requests[i].prompt for i in good],
+                          responses=None, clips_per_example=[len(r) for r in refs],
+                          clip_keys=[distinct[c].key for ids in refs for c in ids],
+                          features=self._features(distinct, refs))
+            try:
+                inputs = model.decoder_inputs(batch, for_generation=True, thinking=params.thinking)
+            except ValueError as exc:  # a layout refusing the batch (e.g. placeholders vs clips)
+                for i in good:
+                    results[i].error = str(exc)
+                return results
+            good, inputs = self._fit_context(good, inputs, params, results)
+            if not good:
+                return results
+            monitor = RowMonitor(self.tokenizer, params, end_token_ids(model.layout, self.tokenizer),
+                                 [[t for t in ids if t >= 0] for ids in inputs.text.prompt_ids])
+            rows = decode(model.decoder, inputs, params, monitor)
+        for i, row in zip(good, rows):
+            self._finish(results[i], row, params)
+        return results
+
+    def _fit_context(self, good: list[int], inputs, params: GenerationConfig,
+                     results: list[Generation]) -> tuple[list[int], Any]:
+        """Drop rows whose prefix + max_new_tokens exceed the decoder's context (each gets an error)."""
+        limit = context_length(self.model)
+        if limit is None:
+            return good, inputs
+        b, length = inputs.inputs_embeds.shape[:2]
+        used = inputs.attention_mask.sum(1).tolist() if inputs.attention_mask is not None else [length] * b
+        fits = [n + params.max_new_tokens <= limit for n in used]
+        if all(fits):
+            return good, inputs
+        for i, n, ok in zip(good, used, fits):
+            if not ok:
+                results[i].error = (f"example {results[i].id}: the prompt and audio take {n} positions; with "
+                                    f"max_new_tokens {params.max_new_tokens} that exceeds the decoder's context "
+                                    f"of {limit}")
+        keep = torch.tensor([j for j, ok in enumerate(fits) if ok], device=inputs.inputs_embeds.device)
+        if len(keep) == 0:
+            return [], inputs
+        take = lambda t: None if t is None else t[keep]  # noqa: E731
+        inputs = dataclasses.replace(inputs, inputs_embeds=inputs.inputs_embeds[keep],
+                                     attention_mask=take(inputs.attention_mask), position_ids=take(inputs.position_ids),
+                                     text=dataclasses.replace(inputs.text, prompt_ids=[
+                                         inputs.text.prompt_ids[j] for j in keep.tolist()]))
+        return [i for i, ok in zip(good, fits) if ok], inputs
+
+    def _finish(self, result: Generation, row: RowOutput, params: GenerationConfig) -> None:
+        tok = self.tokenizer
+        tokens = row.tokens
+        decode_text = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+        open_id, close_id = single_token_id(tok, THINK_OPEN), single_token_id(tok, THINK_CLOSE)
+        thought = None
+        answer_ids = tokens
+        if close_id is not None and close_id in tokens:
+            close = len(tokens) - 1 - tokens[::-1].index(close_id)
+            start = tokens.index(open_id) + 1 if open_id in tokens[:close] else 0
+            thought, answer_ids = decode_text(tokens[start:close]).strip(), tokens[close + 1:]
+        elif row.opened_in_prompt or (open_id is not None and open_id in tokens):
+            start = tokens.index(open_id) + 1 if open_id in tokens else 0
+            thought, answer_ids = decode_text(tokens[start:]).strip(), []
+        result.text = _cut(decode_text(tokens), params.stop).strip()
+        result.answer = _cut(decode_text(answer_ids), params.stop).strip()
+        result.thought = thought
+        result.tokens = list(tokens)
+        result.finish_reason = row.finish_reason
+        result.budget_hit = row.budget_hit
+
+    def run(self, requests: Sequence[Request], params: GenerationConfig | None = None, *, progress: bool = False,
+            on_batch: Callable[[list[Request], list[Generation]], None] | None = None) -> list[Generation]:
+        """Every request, in batches of ``params.batch_size`` grouped by similar prompt length (less
+        padding); results come back in request order. ``on_batch`` sees each finished batch."""
+        params = params or self.defaults
+        if params.do_sample:
+            torch.manual_seed(params.seed)
+        order = sorted(range(len(requests)), key=lambda i: (len(requests[i].audio), len(requests[i].prompt)))
+        results: list[Generation | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), desc="generating", unit="ex", disable=not progress)
+        for start in range(0, len(order), params.batch_size):
+            chunk = order[start : start + params.batch_size]
+            batch = [requests[i] for i in chunk]
+            out = self.generate_batch(batch, params)
+            for i, generation in zip(chunk, out):
+                results[i] = generation
+            if on_batch is not None:
+                on_batch(batch, out)
+            bar.update(len(chunk))
+        bar.close()
+        return results  # type: ignore[return-value]
+
+
+def _cut(text: str, stops: Sequence[str]) -> str:
+    cut = min((text.index(s) for s in stops if s and s in text), default=len(text))
+    return text[:cut]
 
 
 def generate(model: AudioLanguageModel, requests: Sequence[Request], gen: GenerationConfig, *,
              progress: bool = False) -> list[str]:
-    model.eval()
-    if gen.do_sample:
-        torch.manual_seed(gen.seed)
-    out: list[str] = []
-    bar = tqdm(total=len(requests), desc="generating", unit="ex", disable=not progress)
-    for start in range(0, len(requests), gen.batch_size):
-        chunk = requests[start : start + gen.batch_size]
-        out += generate_batch(model, make_batch(model, chunk), gen)
-        bar.update(len(chunk))
-    bar.close()
-    return out
+    """Answers as strings (the thought included for thinking decoders); raises on the first bad example."""
+    results = InferenceEngine(model, gen).run(requests, gen, progress=progress)
+    for result in results:
+        if result.error:
+            raise GenerationError(result.error)
+    return [r.text for r in results]
+
+
+def make_batch(model: AudioLanguageModel, requests: Sequence[Request]) -> Batch:
+    """Requests as a waveform :class:`Batch` (one row per clip reference), as the training path sees them."""
+    specs = model.audio_specs
+    clips, keys = [], []
+    for i, request in enumerate(requests):
+        for j, audio in enumerate(request.audio):
+            wave, rate, key = _clip_source(audio, f"example {request.id or i}, audio {j + 1}")
+            clips.append(prepare_for_specs(wave, rate, specs, train=False))
+            keys.append(key)
+    waveforms, lengths = collate_waveforms(clips, list(specs))
+    return Batch(ids=[r.id for r in requests], prompts=[r.prompt for r in requests], responses=None,
+                 clips_per_example=[len(r.audio) for r in requests], clip_keys=keys,
+                 waveforms=waveforms, lengths=lengths)

@@ -27,7 +27,8 @@ class PlaceholderLayout(Layout):
         system_prompt: str | None = None
         #: render with the tokenizer's chat template; false: "{prompt}\n" plain text
         chat_template: bool = True
-        #: passed to templates that know it (Qwen3): thinking on/off; null leaves the default
+        #: Qwen3's thinking mode: false pre-fills an empty <think></think> block in the prompt (answers
+        #: without reasoning); true / null leave the model to open the block. Only for templates that read it
         enable_thinking: bool | None = None
         #: token that ends an answer (default: <|im_end|> if the tokenizer has it, else EOS)
         end_token: str | None = None
@@ -38,6 +39,14 @@ class PlaceholderLayout(Layout):
     def __init__(self, config: Config, decoder: Decoder) -> None:
         super().__init__(config, decoder)
         self.boundaries = make_boundaries(config.audio_boundaries, decoder)
+        if config.enable_thinking is not None and config.chat_template:
+            # Jinja ignores unknown variables: without this check the setting would silently do nothing
+            template = getattr(decoder.tokenizer, "chat_template", None)
+            if not template or "enable_thinking" not in str(template):
+                raise ValueError(
+                    "placeholder: enable_thinking is set but this tokenizer's chat template does not read it "
+                    "(Qwen3's does; builtin:tiny-qwen3 is the offline stand-in): remove enable_thinking"
+                )
 
     def end_token_id(self) -> int:
         tok = self.decoder.tokenizer
@@ -49,7 +58,7 @@ class PlaceholderLayout(Layout):
             raise ValueError(f"end_token {name!r} is not a token of this tokenizer")
         return ids[0]
 
-    def render(self, prompt: str) -> str:
+    def render(self, prompt: str, thinking: bool | None = None) -> str:
         cfg = self.config
         tok = self.decoder.tokenizer
         if not cfg.chat_template or not getattr(tok, "chat_template", None):
@@ -57,11 +66,15 @@ class PlaceholderLayout(Layout):
         messages = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []) + [
             {"role": "user", "content": prompt}
         ]
-        extra = {} if cfg.enable_thinking is None else {"enable_thinking": cfg.enable_thinking}
+        thinking = cfg.enable_thinking if thinking is None else thinking
+        extra = {} if thinking is None else {"enable_thinking": thinking}
         return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
 
-    def tokenize(self, prompts: list[str], responses: list[str] | None = None) -> TextInputs:
-        """Prompt ids carry markers where clips go: ONE_CLIP per placeholder, ALL_CLIPS if none was written."""
+    def tokenize(self, prompts: list[str], responses: list[str] | None = None, *,
+                 thinking: bool | None = None) -> TextInputs:
+        """Prompt ids carry markers where clips go: ONE_CLIP per placeholder, ALL_CLIPS if none was written.
+
+        ``thinking`` overrides ``enable_thinking`` for this call."""
         tok = self.decoder.tokenizer
         placeholder = self.config.placeholder
         prompt_ids = []
@@ -69,7 +82,7 @@ class PlaceholderLayout(Layout):
             marker = ONE_CLIP if placeholder in prompt else ALL_CLIPS
             text = prompt if marker == ONE_CLIP else f"{placeholder}\n{prompt}"
             ids: list[int] = []
-            for j, segment in enumerate(self.render(text).split(placeholder)):
+            for j, segment in enumerate(self.render(text, thinking).split(placeholder)):
                 if j:
                     ids.append(marker)
                 ids += tok.encode(segment, add_special_tokens=False)

@@ -1,0 +1,264 @@
+"""The decode loop: prefill once, then one token per step for every unfinished row.
+
+Works on :class:`DecoderInputs` built by any layout (left-padded, with or without
+an attention mask) and any :class:`Decoder` plugin. With a transformers decoder
+the KV cache is preallocated (:mod:`alm_kit.inference.kv_cache`); finished rows
+leave the batch so that the remaining ones run at their own cost. Each row
+stops at an end token, at a stop string, or at ``max_new_tokens``; thinking
+decoders get a thought budget after which the thought is closed for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from alm_kit.config.schema import GenerationConfig
+from alm_kit.inference.kv_cache import preallocated_cache, reorder_rows, repeat_rows, select_rows
+from alm_kit.inference.sampling import TokenChooser
+from alm_kit.interfaces import Decoder, DecoderInputs
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+@dataclass
+class RowOutput:
+    tokens: list[int] = field(default_factory=list)
+    #: "stop" (end token), "stop_string", "length"
+    finish_reason: str = "length"
+    #: the prompt opened a thought that the answer continues (Qwen3-Thinking templates)
+    opened_in_prompt: bool = False
+    #: the thought was closed because it reached the budget
+    budget_hit: bool = False
+
+
+def single_token_id(tokenizer, text: str) -> int | None:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return ids[0] if len(ids) == 1 else None
+
+
+class RowMonitor:
+    """Per-row bookkeeping: end tokens, stop strings, thought budget and forced tokens."""
+
+    def __init__(self, tokenizer, params: GenerationConfig, end_ids: set[int], prompt_ids: list[list[int]]) -> None:
+        self.tokenizer = tokenizer
+        self.params = params
+        self.end_ids = end_ids
+        self.stops = [s for s in params.stop if s]
+        # a stop string of n characters spans at most n tokens (+1 for a token straddling its start)
+        self.window = max((len(s) for s in self.stops), default=0) + 1
+        self.open_id = single_token_id(tokenizer, THINK_OPEN)
+        self.close_id = single_token_id(tokenizer, THINK_CLOSE)
+        budget = params.thinking_budget
+        if budget is not None and (self.open_id is None or self.close_id is None):
+            raise ValueError(f"thinking_budget needs a decoder whose tokenizer has single {THINK_OPEN} and "
+                             f"{THINK_CLOSE} tokens")
+        self.close_ids = tokenizer.encode(params.thinking_close, add_special_tokens=False) if budget else []
+        self.rows = [RowOutput() for _ in prompt_ids]
+        self.done = [False] * len(prompt_ids)
+        self.thinking = [False] * len(prompt_ids)
+        self.thought_len = [0] * len(prompt_ids)
+        self.forced: list[list[int]] = [[] for _ in prompt_ids]
+        for i, ids in enumerate(prompt_ids):
+            if self.open_id is not None:
+                opened = max((j for j, t in enumerate(ids) if t == self.open_id), default=-1)
+                closed = max((j for j, t in enumerate(ids) if t == self.close_id), default=-1)
+                self.thinking[i] = self.rows[i].opened_in_prompt = opened > closed
+
+    def forced_token(self, row: int) -> int | None:
+        return self.forced[row][0] if self.forced[row] else None
+
+    def push(self, row: int, token: int) -> None:
+        """Record the token a row produced and decide whether the row is finished."""
+        out = self.rows[row]
+        out.tokens.append(token)
+        if self.forced[row] and self.forced[row][0] == token:
+            self.forced[row].pop(0)
+        if token in self.end_ids and not self.forced[row]:
+            out.tokens.pop()
+            out.finish_reason = "stop"
+            self.done[row] = True
+            return
+        if self.open_id is not None:
+            if token == self.open_id:
+                self.thinking[row], self.thought_len[row] = True, 0
+            elif token == self.close_id:
+                self.thinking[row] = False
+            elif self.thinking[row]:
+                self.thought_len[row] += 1
+                budget = self.params.thinking_budget
+                if budget is not None and self.thought_len[row] >= budget and not self.forced[row]:
+                    self.forced[row] = list(self.close_ids)
+                    out.budget_hit = True
+        if self.stops:
+            tail = self.tokenizer.decode(out.tokens[-self.window:], skip_special_tokens=False)
+            if any(s in tail for s in self.stops):
+                out.finish_reason = "stop_string"
+                self.done[row] = True
+                return
+        if len(out.tokens) >= self.params.max_new_tokens:
+            self.done[row] = True
+
+
+def end_token_ids(layout, tokenizer) -> set[int]:
+    ids = {layout.end_token_id()}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _cache_for(decoder: Decoder, capacity: int):
+    """A preallocated cache for transformers decoders; None lets a plugin decoder make its own."""
+    lm = getattr(decoder, "language_model", None)
+    layers = getattr(getattr(lm, "config", None), "num_hidden_layers", None)
+    if layers is None or getattr(lm.config, "sliding_window", None):
+        return None
+    return preallocated_cache(layers, capacity)
+
+
+class _Rows:
+    """The decoder-side state of the rows still running: cache, mask, next position."""
+
+    def __init__(self, decoder: Decoder, inputs: DecoderInputs, extra: int) -> None:
+        self.decoder = decoder
+        embeds = inputs.inputs_embeds
+        b, length = embeds.shape[:2]
+        self.mask = inputs.attention_mask
+        self.position = (inputs.position_ids[:, -1] + 1 if inputs.position_ids is not None
+                         else torch.full((b,), length, dtype=torch.long, device=embeds.device))
+        positions = inputs.position_ids
+        if positions is None:
+            positions = torch.arange(length, device=embeds.device).expand(b, length)
+        self.cache = _cache_for(decoder, length + extra)
+        hidden, cache = decoder(embeds, self.mask, positions, past_key_values=self.cache, use_cache=True)
+        self.cache = cache
+        self.logits = decoder.logits(hidden[:, -1]).float()
+        self.index = torch.arange(b, device=embeds.device)  # original row of each running row
+
+    def step(self, tokens: Tensor) -> None:
+        embeds = self.decoder.embed(tokens[:, None])
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)
+        hidden, self.cache = self.decoder(embeds, self.mask, self.position[:, None], past_key_values=self.cache,
+                                          use_cache=True)
+        self.position = self.position + 1
+        self.logits = self.decoder.logits(hidden[:, -1]).float()
+
+    def keep(self, keep: Tensor) -> None:
+        select_rows(self.cache, keep) if hasattr(self.cache, "layers") else self.cache.batch_select_indices(keep)
+        if self.mask is not None:
+            self.mask = self.mask[keep]
+        self.position, self.index, self.logits = self.position[keep], self.index[keep], self.logits[keep]
+
+
+@torch.no_grad()
+def sample_or_greedy(decoder: Decoder, inputs: DecoderInputs, params: GenerationConfig,
+                     monitor: RowMonitor) -> list[RowOutput]:
+    pad = next(iter(monitor.end_ids))
+    extra = params.max_new_tokens + (len(monitor.close_ids) if params.thinking_budget else 0)
+    rows = _Rows(decoder, inputs, extra)
+    chooser = TokenChooser(params, len(monitor.rows), rows.logits.shape[-1], rows.logits.device)
+    while True:
+        tokens = chooser.choose(rows.logits)
+        for j, row in enumerate(rows.index.tolist()):
+            forced = monitor.forced_token(row)
+            if forced is not None:
+                tokens[j] = forced
+            if not monitor.done[row]:
+                monitor.push(row, int(tokens[j]))
+            if monitor.done[row]:
+                tokens[j] = pad
+        chooser.record(tokens)
+        running = torch.tensor([not monitor.done[r] for r in rows.index.tolist()], device=tokens.device)
+        if not running.any():
+            break
+        # drop finished rows once a quarter of the batch has finished (copying the cache costs about a step)
+        if int(running.sum()) <= 0.75 * len(running):
+            keep = running.nonzero().squeeze(-1)
+            rows.keep(keep)
+            chooser.keep_rows(keep)
+            tokens = tokens[keep]
+        rows.step(tokens)
+    return monitor.rows
+
+
+@torch.no_grad()
+def beam_search(decoder: Decoder, inputs: DecoderInputs, params: GenerationConfig,
+                monitor: RowMonitor) -> list[RowOutput]:
+    """Beam search with ``num_beams`` beams per example; an example is done when it has that many
+    finished hypotheses (transformers' ``early_stopping=True``)."""
+    k = params.num_beams
+    rows = _Rows(decoder, inputs, params.max_new_tokens)
+    b, vocab = rows.logits.shape
+    device = rows.logits.device
+    repeat_rows(rows.cache, k) if hasattr(rows.cache, "layers") else rows.cache.batch_repeat_interleave(k)
+    if rows.mask is not None:
+        rows.mask = rows.mask.repeat_interleave(k, dim=0)
+    rows.position = rows.position.repeat_interleave(k)
+    logits = rows.logits.repeat_interleave(k, dim=0)
+    scores = torch.full((b, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start equal: only the first one may expand at step 1
+    history: list[list[int]] = [[] for _ in range(b * k)]
+    finished: list[list[tuple[float, list[int], str]]] = [[] for _ in range(b)]
+    done = [False] * b
+
+    def normalised(score: float, length: int) -> float:
+        return score / (max(length, 1) ** params.length_penalty)
+
+    for step in range(params.max_new_tokens):
+        chooser = TokenChooser(params, b * k, vocab, device)
+        if chooser.seen is not None:
+            for i, h in enumerate(history):
+                if h:
+                    chooser.seen[i, torch.tensor(h, device=device)] = True
+        logp = chooser.penalize(logits).log_softmax(-1)
+        candidates = (scores.view(-1, 1) + logp).view(b, k * vocab)
+        top_scores, top_ids = candidates.topk(2 * k, dim=-1)
+        new_scores = torch.full((b, k), float("-inf"), device=device)
+        sources = torch.zeros(b, k, dtype=torch.long, device=device)
+        new_tokens = torch.full((b, k), next(iter(monitor.end_ids)), dtype=torch.long, device=device)
+        for e in range(b):
+            if done[e]:
+                sources[e] = e * k
+                continue
+            filled = 0
+            for rank, (score, flat) in enumerate(zip(top_scores[e].tolist(), top_ids[e].tolist())):
+                beam, token = divmod(flat, vocab)
+                seq = history[e * k + beam] + [token]
+                if token in monitor.end_ids:
+                    if rank < k:
+                        finished[e].append((normalised(score, len(seq)), seq[:-1], "stop"))
+                    continue
+                new_scores[e, filled], sources[e, filled], new_tokens[e, filled] = score, e * k + beam, token
+                filled += 1
+                if filled == k:
+                    break
+            done[e] = len(finished[e]) >= k
+        if all(done):
+            break
+        source_list = sources.view(-1).tolist()
+        history = [history[s] + [t] for s, t in zip(source_list, new_tokens.view(-1).tolist())]
+        scores = new_scores
+        reorder_rows(rows.cache, sources.view(-1)) if hasattr(rows.cache, "layers") else \
+            rows.cache.reorder_cache(sources.view(-1))
+        if rows.mask is not None:
+            rows.mask = rows.mask[sources.view(-1)]
+        rows.step(new_tokens.view(-1))
+        logits = rows.logits
+    for e in range(b):
+        if not done[e]:
+            for j in range(k):
+                if scores[e, j] > float("-inf"):
+                    seq = history[e * k + j]
+                    finished[e].append((normalised(float(scores[e, j]), len(seq)), seq, "length"))
+        _, best, reason = max(finished[e], key=lambda f: f[0])
+        monitor.rows[e].tokens, monitor.rows[e].finish_reason = best, reason
+    return monitor.rows
+
+
+def decode(decoder: Decoder, inputs: DecoderInputs, params: GenerationConfig, monitor: RowMonitor) -> list[RowOutput]:
+    if params.num_beams > 1:
+        return beam_search(decoder, inputs, params, monitor)
+    return sample_or_greedy(decoder, inputs, params, monitor)

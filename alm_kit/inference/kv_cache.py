@@ -1,0 +1,120 @@
+"""A preallocated KV cache for transformers decoders.
+
+Every layer's keys and values live in one buffer of fixed capacity, allocated
+at the first write; each step writes its new positions in place and attention
+reads a view of the filled part. Nothing is re-allocated or concatenated per
+token (transformers' DynamicCache copies the whole cache every step), and
+unlike a cache that always attends over its full capacity, a step costs only
+what has been filled so far. Rows can be dropped (finished examples) and
+reordered (beam search) in place.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+from torch import Tensor
+
+
+@cache
+def _layer_class():
+    # transformers is imported lazily (alm_kit.inference must import fast for the CLI)
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        is_compileable = False
+
+        def __init__(self, capacity: int) -> None:
+            super().__init__()
+            self.capacity = capacity
+            self.length = 0
+            self._k: Tensor | None = None
+            self._v: Tensor | None = None
+
+        def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+            self.dtype, self.device = key_states.dtype, key_states.device
+            b, h, _, d = key_states.shape
+            self._k = key_states.new_empty(b, h, self.capacity, d)
+            self._v = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
+            self.is_initialized = True
+            self._refresh()
+
+        def _refresh(self) -> None:
+            self.keys = self._k[:, :, : self.length]
+            self.values = self._v[:, :, : self.length]
+
+        def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            new = key_states.shape[-2]
+            end = self.length + new
+            if end > self.capacity:
+                raise RuntimeError(f"KV cache full: {end} positions > capacity {self.capacity}")
+            self._k[:, :, self.length : end] = key_states
+            self._v[:, :, self.length : end] = value_states
+            self.length = end
+            self._refresh()
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def get_max_length(self) -> int:
+            return self.capacity
+
+        def reset(self) -> None:
+            self.length = 0
+            if self.is_initialized:
+                self._refresh()
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if tokens_to_remove < 0:
+                self.length = max(0, self.length + tokens_to_remove)
+                if self.is_initialized:
+                    self._refresh()
+
+        def batch_select_indices(self, indices: Tensor) -> None:
+            if self.is_initialized:
+                self._k = self._k[indices]
+                self._v = self._v[indices]
+                self._refresh()
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if self.is_initialized:
+                self._k = self._k.repeat_interleave(repeats, dim=0)
+                self._v = self._v.repeat_interleave(repeats, dim=0)
+                self._refresh()
+
+        def reorder_cache(self, beam_idx: Tensor) -> None:
+            if self.is_initialized:
+                idx = beam_idx.to(self._k.device)
+                self._k = self._k.index_select(0, idx)
+                self._v = self._v.index_select(0, idx)
+                self._refresh()
+
+    return PreallocatedLayer
+
+
+def preallocated_cache(num_layers: int, capacity: int):
+    """A transformers ``Cache`` of ``num_layers`` preallocated layers holding ``capacity`` positions."""
+    from transformers.cache_utils import Cache
+
+    layer = _layer_class()
+    return Cache(layers=[layer(capacity) for _ in range(num_layers)])
+
+
+def select_rows(cache, indices: Tensor) -> None:
+    """Keep only the cache rows ``indices`` (finished examples leave the batch)."""
+    for layer in cache.layers:
+        layer.batch_select_indices(indices)
+
+
+def reorder_rows(cache, indices: Tensor) -> None:
+    for layer in cache.layers:
+        layer.reorder_cache(indices)
+
+
+def repeat_rows(cache, repeats: int) -> None:
+    for layer in cache.layers:
+        layer.batch_repeat_interleave(repeats)
