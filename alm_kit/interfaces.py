@@ -106,6 +106,8 @@ class DecoderInputs:
     labels: Tensor | None  # (B, L), -100 where no loss; labels[t] is the target AT position t
     #: responses cut to the training's max_response_tokens (reported by the trainer)
     truncated: int = 0
+    #: the token ids the layout placed (the inference engine reads the prompt's end from them)
+    text: TextInputs | None = None
 
 
 @dataclass
@@ -150,9 +152,16 @@ class Encoder(Component):
 
 
 class Fusion(Component):
-    """Several encoder streams (recipe order) -> one stream."""
+    """Several encoder streams (recipe order) -> one stream.
+
+    A fusion that can also hand its streams on *unjoined* (ALARM's per-encoder adapters) sets
+    ``stream_infos`` and implements ``forward_streams``; the ``chain`` fusion can then run it
+    before another fusion. Fusions that only join leave ``stream_infos`` None.
+    """
 
     info: StreamInfo
+    #: the streams ``forward_streams`` returns (recipe order); None: this fusion only joins
+    stream_infos: list[StreamInfo] | None = None
 
     def __init__(self, config: Any, streams: list[StreamInfo]) -> None:
         super().__init__(config)
@@ -160,6 +169,10 @@ class Fusion(Component):
 
     def forward(self, features: list[AudioFeatures]) -> AudioFeatures:  # pragma: no cover
         raise NotImplementedError
+
+    def forward_streams(self, features: list[AudioFeatures]) -> list[AudioFeatures]:
+        """The streams before joining, one per entry of ``stream_infos``."""
+        raise NotImplementedError(f"{type(self).__name__} only joins streams (its stream_infos is None)")
 
 
 class Projector(Component):
@@ -221,6 +234,8 @@ class Layout(Component):
         object.__setattr__(self, "decoder", decoder)
 
     def tokenize(self, prompts: list[str], responses: list[str] | None = None) -> TextInputs:  # pragma: no cover
+        """Token ids of prompts (and responses). Layouts of thinking decoders may also accept a
+        keyword ``thinking: bool`` (on/off for this call); it is passed only when a caller sets it."""
         raise NotImplementedError
 
     def end_token_id(self) -> int:

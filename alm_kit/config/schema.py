@@ -77,6 +77,20 @@ class DataConfig:
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
     synth: SynthDataConfig | None = None
+    #: a held-out manifest (same format as train): its loss is logged every training.eval_every steps
+    valid: str | None = None
+    #: responses longer than training.max_response_tokens: truncate them (counted in the log) or
+    #: reject the example (dropped before training, counted and named in the log)
+    too_long: Literal["truncate", "reject"] = "truncate"
+    #: build each training response from fields of its record: cota, thinking, or a format string
+    #: such as "Answer: {answer}" (docs/decoders.md); null: the record's `response`
+    response_template: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.response_template is not None:
+            from alm_kit.text.templates import template_fields
+
+            template_fields(self.response_template)
 
 
 @dataclass
@@ -95,37 +109,81 @@ class TrainingConfig:
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    #: frozen encoders: compute features once per clip and reuse them (auto: when all encoders are frozen)
-    #: (memory: insist on it; it needs every encoder frozen)
-    cache_features: Literal["auto", "off", "memory"] = "auto"
+    #: frozen encoders: compute features once per clip and reuse them (docs/feature-cache.md).
+    #: auto: on disk when every encoder is frozen, else off; memory/disk insist (need every encoder frozen)
+    cache_features: Literal["auto", "off", "memory", "disk"] = "auto"
+    #: where the disk cache lives; null: $ALM_KIT_CACHE/features or ~/.cache/alm-kit/features (shared by recipes)
+    cache_dir: str | None = None
+    #: storage precision of cached features (float16 halves the size; a different cache key)
+    cache_dtype: Literal["float32", "float16"] = "float32"
     #: longest response in tokens; longer ones are truncated (and counted)
     max_response_tokens: int = 256
     log_every: int = 10
     num_threads: int | None = None
+    #: steps between checkpoints in <output_dir>/checkpoints/step-N (null: only at the end)
+    save_every: int | None = None
+    #: how many step-N checkpoints to keep, newest first (null: all)
+    keep_checkpoints: int | None = 3
+    #: steps between evaluations: held-out loss on data.valid, accuracy on data.eval (null: none)
+    eval_every: int | None = None
+    #: examples / test items per periodic evaluation (null: all)
+    eval_max_items: int | None = 100
+    #: batch examples of similar length together (less padding); deterministic given the seed
+    bucket_by_length: bool = False
+    #: torch.compile the decoder
+    compile: bool = False
+    #: under torchrun: ddp (replicate the model) or fsdp (shard it with fully_shard)
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    #: write TensorBoard logs to <output_dir>/tensorboard when the tensorboard package is installed
+    tensorboard: bool = True
+    #: DataLoader worker processes that read and prepare audio
+    num_workers: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum_steps", "lr", "max_steps", "log_every"):
+        for name in ("epochs", "batch_size", "grad_accum_steps", "lr", "max_steps", "log_every", "save_every",
+                     "keep_checkpoints", "eval_every", "eval_max_items"):
             _positive(name, getattr(self, name))
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
 
 
 @dataclass
 class GenerationConfig:
+    """Decoding settings (docs/inference.md); every one can be overridden per call."""
+
     max_new_tokens: int = 64
+    #: greedy (false) or sampling with temperature / top_p / top_k (0: off)
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    #: beam search when > 1 (greedy beams; stop strings are applied to the best beam's text)
     num_beams: int = 1
+    #: beam scores are divided by length ** length_penalty
+    length_penalty: float = 1.0
     repetition_penalty: float = 1.0
+    #: the answer ends before the first of these strings
     stop: list[str] = field(default_factory=list)
     batch_size: int = 8
     seed: int = 0
+    #: thinking decoders (Qwen3): on / off (passed to the chat template); null: the template's default
+    thinking: bool | None = None
+    #: most tokens inside <think> ... </think>; then ``thinking_close`` is forced and the answer follows
+    thinking_budget: int | None = None
+    thinking_close: str = "\n\nConsidering the limited time, I have to give the answer now.\n</think>\n\n"
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "temperature", "num_beams", "batch_size", "repetition_penalty"):
+        for name in ("max_new_tokens", "temperature", "num_beams", "batch_size", "repetition_penalty",
+                     "thinking_budget"):
             _positive(name, getattr(self, name))
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if self.num_beams > 1 and self.do_sample:
+            raise ValueError("num_beams > 1 is beam search; it cannot be combined with do_sample")
+        if self.num_beams > 1 and self.thinking_budget is not None:
+            raise ValueError("thinking_budget works with greedy decoding or sampling, not with beam search")
 
 
 @dataclass
