@@ -1,4 +1,4 @@
-"""Built-in fusion modules (several encoder streams -> one)."""
+"""Built-in fusion modules (several encoder streams -> one; ``chain`` runs several in sequence)."""
 
 from alm_kit.registry.hookspecs import hookimpl
 
@@ -13,3 +13,5 @@ def register_fusions(register):
              description="ALARM-CA: the query stream cross-attends to each other stream in turn; query length kept")
     register("perceiver", "alm_kit.fusion.perceiver:PerceiverFusion",
              description="ALARM-P: extra streams compressed to K Perceiver latents, framed and put before the main stream")
+    register("chain", "alm_kit.fusion.chain:ChainFusion",
+             description="fusions in sequence: inner steps hand streams on (downsample adapters), the last joins")

@@ -6,6 +6,9 @@ every stream ends near ``target_rate`` tokens per second (ALARM: 25/s; Whisper's
 Padded frames are zeroed before each convolution, so padding never reaches a real output token; an
 output token is valid when any input frame of its window is. The streams are then cut to the
 shortest length and concatenated on the feature axis (or summed).
+
+As a step of a ``chain`` (not the last one) the adapted streams are handed on unjoined
+(``forward_streams``): ALARM's adapters in front of cross-attention or Perceiver compression.
 """
 
 from __future__ import annotations
@@ -104,8 +107,15 @@ class DownsampleFusion(Fusion):
             ConvAdapter(s.frame_dim, config.width, out_dim, stride, config.kernel_size, config.dropout)
             for s, stride in zip(streams, strides)
         )
+        #: each stream after its adapter (what a chain's next step receives)
+        self.stream_infos = [
+            StreamInfo(frame_dim=out_dim, pooled_dim=s.pooled_dim,
+                       frame_rate=None if s.frame_rate is None else s.frame_rate / a.stride,
+                       num_frames=None if s.num_frames is None else a.out_length(s.num_frames))
+            for s, a in zip(streams, self.adapters)
+        ]
         pooled = [s.pooled_dim for s in streams if s.pooled_dim is not None]
-        lengths = [a.out_length(s.num_frames) for s, a in zip(streams, self.adapters) if s.num_frames is not None]
+        lengths = [s.num_frames for s in self.stream_infos if s.num_frames is not None]
         self.info = StreamInfo(
             frame_dim=out_dim * (len(streams) if config.combine == "concat" else 1),
             pooled_dim=sum(pooled) if pooled else None,
@@ -117,11 +127,15 @@ class DownsampleFusion(Fusion):
     def strides(self) -> list[int]:
         return [a.stride for a in self.adapters]
 
+    def forward_streams(self, features: list[AudioFeatures]) -> list[AudioFeatures]:
+        """Every stream through its adapter, not joined (pooled vectors pass through)."""
+        return [AudioFeatures(*adapter(f.frames, f.mask), f.pooled) for adapter, f in zip(self.adapters, features)]
+
     def forward(self, features: list[AudioFeatures]) -> AudioFeatures:
-        adapted = [adapter(f.frames, f.mask) for adapter, f in zip(self.adapters, features)]
-        length = min(frames.shape[1] for frames, _ in adapted)
-        frames = [x[:, :length] for x, _ in adapted]
-        mask = torch.stack([m[:, :length] for _, m in adapted], 0).any(0)
+        adapted = self.forward_streams(features)
+        length = min(a.frames.shape[1] for a in adapted)
+        frames = [a.frames[:, :length] for a in adapted]
+        mask = torch.stack([a.mask[:, :length] for a in adapted], 0).any(0)
         joined = torch.cat(frames, -1) if self.config.combine == "concat" else torch.stack(frames, 0).sum(0)
         pooled = [f.pooled for f in features if f.pooled is not None]
         return AudioFeatures(joined, mask, torch.cat(pooled, -1) if pooled else None)

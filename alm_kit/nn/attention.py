@@ -128,7 +128,8 @@ class FeedForwardBlock(nn.Module):
 class QueryLayer(nn.Module):
     """One layer of a learned-query resampler: self-attention over the queries, cross-attention
     to the audio (masked), feed-forward. ``cross_first`` puts the cross-attention first (Perceiver);
-    otherwise self-attention comes first (Q-Former)."""
+    otherwise self-attention comes first (Q-Former, and a pre-norm transformer decoder layer when
+    the queries are a stream of their own: ALARM-CA, with ``query_mask``)."""
 
     def __init__(self, dim: int, num_heads: int, ffn_dim: int, *, kv_dim: int | None = None,
                  dropout: float = 0.0, drop_path: float = 0.0, cross_first: bool = False) -> None:
@@ -138,11 +139,12 @@ class QueryLayer(nn.Module):
         self.cross_attn = CrossAttentionBlock(dim, num_heads, kv_dim=kv_dim, dropout=dropout, drop_path=drop_path)
         self.ffn = FeedForwardBlock(dim, ffn_dim, dropout=dropout, drop_path=drop_path)
 
-    def forward(self, queries: Tensor, kv: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, queries: Tensor, kv: Tensor, mask: Tensor | None, query_mask: Tensor | None = None) -> Tensor:
+        """``mask`` (B, T) marks valid keys of ``kv``; ``query_mask`` (B, Q) valid queries (None: all)."""
         if self.cross_first:
-            queries = self.self_attn(self.cross_attn(queries, kv, mask))
+            queries = self.self_attn(self.cross_attn(queries, kv, mask), query_mask)
         else:
-            queries = self.cross_attn(self.self_attn(queries), kv, mask)
+            queries = self.cross_attn(self.self_attn(queries, query_mask), kv, mask)
         return self.ffn(queries)
 
 
