@@ -101,6 +101,15 @@ def cmd_recipe_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from alm_kit.training.feature_cache import cache_recipe
+
+    recipe = _recipe(args.recipe, args.overrides)
+    for label, report in cache_recipe(recipe, progress=not args.quiet, batch_size=args.batch_size).items():
+        print(f"{label}: {report}")
+    return 0
+
+
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from alm_kit.data.synth import synthesize
 
@@ -143,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write predictions and the table as JSON")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("cache", help="encode a recipe's training clips with its frozen encoders into the "
+                                     "disk feature cache ahead of training")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. training.cache_dir=/fast/disk")
+    p.add_argument("--batch-size", type=int, default=16, help="clips per encoder call")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("plugins", help="list every registered component and its provider")
     p.add_argument("--json", action="store_true")

@@ -23,6 +23,11 @@ TINY_LLAMA = {
     "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
     "num_attention_heads": 4, "num_key_value_heads": 2,
 }
+#: Qwen3's architecture (q/k norms, explicit head_dim, tied embeddings) at toy size; use builtin:tiny-qwen3
+TINY_QWEN3 = {
+    "model_type": "qwen3", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "tie_word_embeddings": True,
+}
 
 
 def tiny_recipe_dict(**changes) -> dict:
@@ -82,3 +87,10 @@ def tone_dataset(tmp_path):
     manifest = tmp_path / "train.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return manifest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _feature_cache_in_tmp(tmp_path_factory):
+    """Disk feature caches of the test session go to a temporary folder, never ~/.cache."""
+    os.environ["ALM_KIT_CACHE"] = str(tmp_path_factory.mktemp("alm-kit-cache"))
+    yield

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 
@@ -11,15 +14,35 @@ from alm_kit.errors import AudioError  # noqa: F401  (re-exported)
 from alm_kit.interfaces import AudioSpec
 
 
-def load_audio(path: str | Path) -> tuple[np.ndarray, int]:
+@dataclass(frozen=True)
+class AudioBlob:
+    """An encoded audio file held in memory (a member of a WebDataset shard), decoded like a file."""
+
+    #: where it came from, for messages and batch keys: "shard.tar/000123.0.flac"
+    name: str
+    data: bytes
+
+    def __str__(self) -> str:
+        return self.name
+
+
+#: a clip of an example: a file on disk or the bytes of one
+AudioSource = Union[Path, AudioBlob]
+
+
+def load_audio(path: str | Path | AudioBlob) -> tuple[np.ndarray, int]:
     """Decode any format libsndfile reads (wav, flac, ogg, ...) to float32 mono."""
     import soundfile as sf
 
-    path = Path(path)
-    if not path.exists():
-        raise AudioError(f"audio file not found: {path}")
+    if isinstance(path, AudioBlob):
+        source, path = io.BytesIO(path.data), path.name
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise AudioError(f"audio file not found: {path}")
+        source = str(path)
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        data, rate = sf.read(source, dtype="float32", always_2d=True)
     except Exception as exc:  # libsndfile raises several types
         raise AudioError(f"cannot decode audio file {path}: {exc}") from None
     if data.shape[0] == 0:
@@ -50,12 +73,18 @@ def resample(wave: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
 
 
 def fit_length(
-    wave: np.ndarray, spec: AudioSpec, *, train: bool = False, rng: np.random.Generator | None = None
+    wave: np.ndarray, spec: AudioSpec, *, train: bool = False, rng: np.random.Generator | None = None,
+    position: float | None = None,
 ) -> tuple[np.ndarray, int]:
     """Crop or pad to ``spec.clip_samples``; return the clip and how many of its samples are real.
 
     Random crops happen only in training; at evaluation a "random" crop becomes a
-    deterministic crop from the start, so that results are reproducible.
+    deterministic crop from the start, so that results are reproducible. ``position`` in
+    [0, 1) places a random crop within the possible starts (drawn from ``rng`` when None).
+
+    Short clips: ``zero`` appends zeros; ``repeat`` tiles the clip to the end (Mellow's
+    inference); ``repeatpad`` repeats it a whole number of times and appends zeros, exactly
+    laion-clap's ``repeatpad`` (the zeros are padding). ``none`` leaves the clip short.
     """
     target = spec.clip_samples
     if target is None:
@@ -65,16 +94,19 @@ def fit_length(
         if spec.crop == "center":
             start = (len(wave) - target) // 2
         elif spec.crop == "random" and train:
-            start = int((rng or np.random.default_rng()).integers(0, len(wave) - target + 1))
+            if position is None:
+                position = float((rng or np.random.default_rng()).random())
+            start = min(int(position * (len(wave) - target + 1)), len(wave) - target)
         return wave[start : start + target], target
     if len(wave) == target or spec.pad == "none":
         return wave, len(wave)
     if spec.pad == "repeat":
         reps = -(-target // len(wave))
         return np.tile(wave, reps)[:target], target
+    real = len(wave) * (target // len(wave) if spec.pad == "repeatpad" else 1)
     out = np.zeros(target, dtype=np.float32)
-    out[: len(wave)] = wave
-    return out, len(wave)
+    out[:real] = np.tile(wave, real // len(wave))
+    return out, real
 
 
 def prepare_for_specs(
@@ -85,11 +117,16 @@ def prepare_for_specs(
     train: bool = False,
     rng: np.random.Generator | None = None,
 ) -> dict[str, tuple[np.ndarray, int]]:
-    """One clip for every encoder: resampled once per distinct rate, then fitted per spec."""
+    """One clip for every encoder: resampled once per distinct rate, then fitted per spec.
+
+    In training one random position is drawn per clip and shared by every encoder's random
+    crop, so encoders with the same ``clip_seconds`` see the same stretch of audio.
+    """
     by_rate: dict[int, np.ndarray] = {}
     out = {}
+    position = float((rng or np.random.default_rng()).random()) if train else None
     for name, spec in specs.items():
         if spec.sample_rate not in by_rate:
             by_rate[spec.sample_rate] = resample(wave, rate, spec.sample_rate)
-        out[name] = fit_length(by_rate[spec.sample_rate], spec, train=train, rng=rng)
+        out[name] = fit_length(by_rate[spec.sample_rate], spec, train=train, position=position)
     return out

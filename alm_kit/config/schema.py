@@ -152,6 +152,8 @@ class GenerationConfig:
     """Decoding settings (docs/inference.md); every one can be overridden per call."""
 
     max_new_tokens: int = 64
+    #: end tokens are not allowed before this many new tokens
+    min_new_tokens: int = 0
     #: greedy (false) or sampling with temperature / top_p / top_k (0: off)
     do_sample: bool = False
     temperature: float = 1.0

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from alm_kit.audio.io import AudioError, load_audio, prepare_for_specs
+from alm_kit.audio.io import AudioError, AudioSource, prepare_for_specs
+from alm_kit.audio.io import load_audio as load_audio_file
 from alm_kit.data.manifest import Example
 from alm_kit.interfaces import AudioFeatures, AudioSpec
 
@@ -21,7 +23,7 @@ class Batch:
     responses: list[str] | None
     #: clips of example i are rows sum(clips_per_example[:i]) ... of every clip tensor
     clips_per_example: list[int]
-    #: identity of each clip (its path), for the feature cache
+    #: identity of each clip (its path, or shard/member name)
     clip_keys: list[str]
     #: per encoder id: (clips, samples) and (clips,) real lengths; None when features come from a cache
     waveforms: dict[str, Tensor] | None = None
@@ -33,32 +35,50 @@ class Batch:
 
 
 class AudioTextDataset(torch.utils.data.Dataset):
-    """Examples -> dicts with per-encoder waveforms. ``load_audio=False`` when a cache has the features."""
+    """Examples -> dicts with per-encoder waveforms, or cached encoder features when ``cache`` is given.
+
+    ``load_audio=False`` (without a cache) yields text only.
+    """
 
     def __init__(self, examples: list[Example], specs: Mapping[str, AudioSpec], *, train: bool = False,
-                 seed: int = 0, load_audio: bool = True) -> None:
+                 seed: int = 0, load_audio: bool = True, cache: FeatureLookup | None = None) -> None:
         self.examples = examples
         self.specs = dict(specs)
         self.train = train
         self.seed = seed
         self.load_audio = load_audio
+        self.cache = cache
         self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict:
-        example = self.examples[index]
-        clips = []
-        if self.load_audio:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            for path in example.audio:
-                try:
-                    wave, rate = load_audio(path)
-                except AudioError as exc:
-                    raise AudioError(f"{example.source or example.id}: {exc}") from None
-                clips.append(prepare_for_specs(wave, rate, self.specs, train=self.train, rng=rng))
-        return {"example": example, "clips": clips}
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        return example_item(self.examples[index], self.specs, train=self.train, rng=rng,
+                            load_audio=self.load_audio, cache=self.cache)
+
+
+class FeatureLookup(Protocol):
+    """What the data path needs of a feature cache (alm_kit.training.feature_cache.FeatureCache)."""
+
+    def lookup(self, source: AudioSource) -> Mapping[str, Any]: ...
+
+
+def example_item(example: Example, specs: Mapping[str, AudioSpec], *, train: bool, rng: np.random.Generator,
+                 load_audio: bool = True, cache: FeatureLookup | None = None) -> dict:
+    """One example for :func:`collate`: its clips decoded and fitted per encoder, or their cached features."""
+    if cache is not None:
+        return {"example": example, "clips": [], "features": [cache.lookup(src) for src in example.audio]}
+    clips = []
+    if load_audio:
+        for source in example.audio:
+            try:
+                wave, rate = load_audio_file(source)
+            except AudioError as exc:
+                raise AudioError(f"{example.source or example.id}: {exc}") from None
+            clips.append(prepare_for_specs(wave, rate, specs, train=train, rng=rng))
+    return {"example": example, "clips": clips}
 
 
 def collate_waveforms(clips: list[dict[str, tuple[np.ndarray, int]]], encoder_ids: list[str]
@@ -76,6 +96,27 @@ def collate_waveforms(clips: list[dict[str, tuple[np.ndarray, int]]], encoder_id
     return waveforms, lengths
 
 
+def collate_features(per_clip: list[Mapping[str, Any]], encoder_ids: list[str]) -> dict[str, AudioFeatures]:
+    """Stack cached per-clip features (``frames`` (T, D), ``mask`` (T,), ``pooled``) per encoder,
+    zero-padding (mask False) clips with fewer frames."""
+    out = {}
+    for enc in encoder_ids:
+        rows = [clip[enc] for clip in per_clip]
+        lengths = {r.frames.shape[0] for r in rows}
+        if len(lengths) == 1:
+            frames = torch.stack([r.frames for r in rows])
+            mask = torch.stack([r.mask for r in rows])
+        else:
+            longest = max(lengths)
+            frames = rows[0].frames.new_zeros(len(rows), longest, rows[0].frames.shape[-1])
+            mask = torch.zeros(len(rows), longest, dtype=torch.bool)
+            for i, r in enumerate(rows):
+                frames[i, : len(r.frames)], mask[i, : len(r.mask)] = r.frames, r.mask
+        pooled = None if rows[0].pooled is None else torch.stack([r.pooled for r in rows])
+        out[enc] = AudioFeatures(frames, mask, pooled)
+    return out
+
+
 def collate(items: list[dict]) -> Batch:
     examples: list[Example] = [item["example"] for item in items]
     clips = [clip for item in items for clip in item["clips"]]
@@ -89,4 +130,7 @@ def collate(items: list[dict]) -> Batch:
     )
     if clips:
         batch.waveforms, batch.lengths = collate_waveforms(clips, list(clips[0]))
+    features = [clip for item in items for clip in item.get("features", ())]
+    if features:
+        batch.features = collate_features(features, list(features[0]))
     return batch

@@ -26,10 +26,11 @@ from tqdm.auto import tqdm
 from alm_kit.checkpoint import save_checkpoint
 from alm_kit.config.loader import dump_recipe, origin_of
 from alm_kit.config.schema import Recipe
-from alm_kit.data.batch import AudioTextDataset, Batch, collate
+from alm_kit.data.batch import AudioTextDataset, collate
 from alm_kit.data.manifest import Example, check_audio_files, read_manifest
 from alm_kit.model import AudioLanguageModel, build_model
-from alm_kit.training.feature_cache import FeatureCache
+from alm_kit.text.templates import apply_response_template
+from alm_kit.training.feature_cache import FeatureCache, open_cache, random_crop_encoders
 
 
 @dataclass
@@ -71,7 +72,9 @@ def ensure_training_data(recipe: Recipe, progress: bool = True) -> None:
 
 
 def load_examples(recipe: Recipe, path: str, limit: int | None) -> tuple[list[Example], list[str]]:
-    examples = read_manifest(path, recipe.data.format)
+    template = recipe.data.response_template
+    examples = apply_response_template(read_manifest(path, recipe.data.format, require_response=template is None),
+                                       template)
     if limit is not None:
         examples = examples[:limit]
     return check_audio_files(examples, skip_bad=recipe.data.skip_bad_audio)
@@ -127,22 +130,25 @@ class Trainer:
 
     def _loader(self, examples: list[Example]) -> torch.utils.data.DataLoader:
         cfg = self.recipe.training
-        if cfg.cache_features == "memory" and not self.model.encoders_frozen:
-            raise ValueError("training.cache_features: memory needs every encoder frozen (train: frozen)")
-        use_cache = cfg.cache_features != "off" and self.model.encoders_frozen
-        if use_cache:
-            self.cache = FeatureCache()
-            self.cache.fill(self.model, (str(p) for e in examples for p in e.audio), progress=self.progress)
-        dataset = AudioTextDataset(examples, self.model.audio_specs, train=True, seed=cfg.seed,
-                                   load_audio=not use_cache)
+        clips = list(dict.fromkeys(p for e in examples for p in e.audio))
+        self.cache = self._feature_cache(clips, total=len(clips))
+        dataset = AudioTextDataset(examples, self.model.audio_specs, train=True, seed=cfg.seed, cache=self.cache)
         generator = torch.Generator().manual_seed(cfg.seed)
         return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
                                            collate_fn=collate, generator=generator, drop_last=False)
 
-    def _with_features(self, batch: Batch) -> Batch:
-        if self.cache is not None:
-            batch.features = self.cache.batch(batch.clip_keys, self.model.encoders)
-        return batch
+    def _feature_cache(self, sources, total: int | None = None) -> FeatureCache | None:
+        """Open the cache ``training.cache_features`` asks for and encode the clips it lacks."""
+        cache = open_cache(self.model, self.recipe.training)
+        if cache is not None:
+            crops = random_crop_encoders(self.model)
+            if crops:
+                self.log(f"feature cache: encoder(s) {', '.join(crops)} crop at random in training; cached "
+                         "features use the evaluation crop (training.cache_features=off for random crops)")
+            report = cache.fill(self.model, sources, total=total, progress=self.progress)
+            where = getattr(cache.store, "root", "memory")
+            self.log(f"feature cache ({where}): {report}")
+        return cache
 
     def fit(self) -> TrainResult:
         recipe, cfg = self.recipe, self.recipe.training
@@ -180,7 +186,6 @@ class Trainer:
         while step < total:
             loader.dataset.epoch = micro // max(1, len(loader))
             for batch in loader:
-                batch = self._with_features(batch)
                 with autocast_for(self.device, cfg.precision):
                     out = self.model(batch, max_response_tokens=cfg.max_response_tokens)
                 truncated += out.truncated
