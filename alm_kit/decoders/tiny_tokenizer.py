@@ -2,13 +2,23 @@
 
 Real recipes use the decoder's own tokenizer from the hub; nothing can be
 downloaded here, so tests and the demo use this one. It is trained on a fixed
-built-in corpus, so every build gives the same vocabulary. It has a ChatML chat
-template (like SmolLM2-Instruct and Qwen3) and the special tokens alm-kit's
-layouts use. Checkpoints save it next to the weights.
+built-in corpus, so every build gives the same vocabulary, and comes in two flavours
+with the same vocabulary:
+
+* ``builtin:tiny`` -- SmolLM2-Instruct style: a plain ChatML chat template, EOS = BOS = PAD =
+  ``<|endoftext|>`` (id 0, Mellow's separator);
+* ``builtin:tiny-qwen3`` -- Qwen3 style: a chat template modelled on Qwen3's (reasoning of an
+  assistant turn rendered inside ``<think>``, ``enable_thinking=False`` pre-fills an empty
+  thinking block), EOS ``<|im_end|>``, PAD ``<|endoftext|>``, no BOS, and ``<think>`` /
+  ``</think>`` as ordinary added tokens (not special), so decoding with
+  ``skip_special_tokens`` keeps them, as with the real Qwen3 tokenizer.
+
+Checkpoints save the tokenizer next to the weights.
 """
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<audio>", "<think>", "</think>"]
@@ -19,6 +29,41 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+#: modelled on Qwen3's template (single-turn parts; no tools): the reasoning of the last assistant
+#: turn is re-rendered as "<think>\n...\n</think>\n\n", and with enable_thinking=false the
+#: generation prompt ends in an empty thinking block
+QWEN3_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' or (message['role'] == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{%- set content = message['content'] %}"
+    "{%- set reasoning = '' %}"
+    "{%- if '</think>' in content %}"
+    "{%- set reasoning = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}"
+    "{%- endif %}"
+    "{%- if loop.last and reasoning %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + content }}"
+    "{%- else %}"
+    "{{- '<|im_start|>assistant\\n' + content }}"
+    "{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+#: flavour -> (chat template, tokens that stay ordinary added tokens)
+FLAVOURS = {"tiny": (CHAT_TEMPLATE, ()), "tiny-qwen3": (QWEN3_CHAT_TEMPLATE, ("<think>", "</think>"))}
 
 _WORDS = """
 the a an and or of to in on at for with from by is are was were be been it this that these those
@@ -61,17 +106,30 @@ def _build_json(vocab_size: int) -> str:
     return tok.to_str()
 
 
-def build_tiny_tokenizer(vocab_size: int = 768):
-    """A ``PreTrainedTokenizerFast`` (eos ``<|endoftext|>`` = id 0, as in SmolLM2)."""
+def _tokenizer_json(vocab_size: int, plain: tuple[str, ...]) -> str:
+    data = json.loads(_build_json(vocab_size))
+    for token in data["added_tokens"]:
+        if token["content"] in plain:
+            token["special"] = False
+    return json.dumps(data)
+
+
+def build_tiny_tokenizer(vocab_size: int = 768, flavour: str = "tiny"):
+    """A ``PreTrainedTokenizerFast``; ``flavour`` is ``tiny`` (SmolLM2 style) or ``tiny-qwen3``."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown built-in tokenizer 'builtin:{flavour}'; available: "
+                         + ", ".join(f"builtin:{name}" for name in FLAVOURS))
+    template, plain = FLAVOURS[flavour]
+    qwen3 = flavour == "tiny-qwen3"
     return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_build_json(vocab_size)),
-        eos_token="<|endoftext|>",
-        bos_token="<|endoftext|>",
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size, plain)),
+        eos_token="<|im_end|>" if qwen3 else "<|endoftext|>",
+        bos_token=None if qwen3 else "<|endoftext|>",
         unk_token=None,
         pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:],
-        chat_template=CHAT_TEMPLATE,
+        additional_special_tokens=[t for t in SPECIAL_TOKENS[1:] if t not in plain],
+        chat_template=template,
     )
