@@ -6,10 +6,17 @@ Layout of a checkpoint directory::
     recipe.yaml         the fully resolved recipe that built the model
     tokenizer/          the decoder's tokenizer files
     meta.json           alm-kit version, step, what was saved
+    trainer_state.pt    (training checkpoints) optimizer, scheduler, RNG states, data position;
+                        plain tensors and containers, read with torch.load(weights_only=True)
+
+Training writes them into ``RUN_DIR/checkpoints/step-N`` and names the newest in
+``RUN_DIR/checkpoints/latest`` (a one-line file). Every path that takes a checkpoint also takes
+a run folder or its ``checkpoints`` folder, meaning the latest one (:func:`resolve_checkpoint`).
 
 Loading rebuilds the model from recipe.yaml (pretrained parts come from their
 hub id / path) and applies model.safetensors on top. Files are written under a
-temporary name and renamed, so an interrupted save never leaves a broken directory.
+temporary name and renamed, so an interrupted save never leaves a broken directory,
+and ``latest`` is replaced only after its checkpoint is complete.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import Any
 
 import torch
 import yaml
+from torch import nn
 
 from alm_kit import __version__
 from alm_kit.config.loader import dump_recipe, recipe_from_dict
@@ -33,22 +41,33 @@ WEIGHTS = "model.safetensors"
 RECIPE = "recipe.yaml"
 TOKENIZER = "tokenizer"
 META = "meta.json"
+TRAINER_STATE = "trainer_state.pt"
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+
+
+def checkpoint_keys(model: AudioLanguageModel) -> set[str]:
+    """Names of the state a checkpoint must hold to rebuild ``model`` from its recipe."""
+    full_prefixes = tuple(f"{path}." for path, (module, _) in model.components().items()
+                          if not getattr(module, "has_pretrained_weights", False))
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    return {name for name in model.state_dict() if name in trainable or name.startswith(full_prefixes)}
 
 
 def checkpoint_state(model: AudioLanguageModel) -> dict[str, torch.Tensor]:
     """What a checkpoint must hold to rebuild ``model`` from its recipe."""
-    keep: dict[str, torch.Tensor] = {}
-    full_prefixes = [f"{path}." for path, (module, _) in model.components().items()
-                     if not getattr(module, "has_pretrained_weights", False)]
-    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
-    for name, tensor in model.state_dict().items():
-        if name in trainable or any(name.startswith(p) for p in full_prefixes):
-            keep[name] = tensor
-    return keep
+    keep = checkpoint_keys(model)
+    return {name: tensor for name, tensor in model.state_dict().items() if name in keep}
 
 
 def save_checkpoint(model: AudioLanguageModel, recipe: Recipe, directory: str | Path,
-                    extra_meta: dict[str, Any] | None = None) -> Path:
+                    extra_meta: dict[str, Any] | None = None, *, state: dict[str, torch.Tensor] | None = None,
+                    trainer_state: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint directory atomically.
+
+    ``state`` replaces ``checkpoint_state(model)`` (a sharded run passes its gathered full state);
+    ``trainer_state`` (optimizer, scheduler, RNG, data position) goes to trainer_state.pt.
+    """
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -56,10 +75,13 @@ def save_checkpoint(model: AudioLanguageModel, recipe: Recipe, directory: str | 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in checkpoint_state(model).items()}
+    state = checkpoint_state(model) if state is None else state
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     save_file(state, str(tmp / WEIGHTS))
     (tmp / RECIPE).write_text(dump_recipe(recipe))
     model.decoder.save_tokenizer(str(tmp / TOKENIZER))
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / TRAINER_STATE)
     meta = {"alm_kit_version": __version__, "tensors": len(state),
             "parameters": int(sum(v.numel() for v in state.values())), **(extra_meta or {})}
     (tmp / META).write_text(json.dumps(meta, indent=2))
@@ -75,32 +97,118 @@ def save_checkpoint(model: AudioLanguageModel, recipe: Recipe, directory: str | 
     return directory
 
 
-def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu") -> tuple[AudioLanguageModel, Recipe]:
-    from safetensors.torch import load_file
+def write_latest(checkpoints_dir: str | Path, name: str) -> None:
+    """Point ``latest`` at ``name``: a temporary file renamed over the old one (atomic on POSIX)."""
+    checkpoints_dir = Path(checkpoints_dir)
+    tmp = checkpoints_dir / f"{LATEST}.tmp"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, checkpoints_dir / LATEST)
 
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from itself, a run folder, its ``checkpoints`` folder or a ``latest`` file."""
+    path = Path(path)
+    for pointer in (path / CHECKPOINTS / LATEST, path / LATEST, path):
+        if pointer.name == LATEST and pointer.is_file():
+            target = pointer.parent / pointer.read_text().strip()
+            if not (target / WEIGHTS).exists():
+                raise CheckpointError(f"{pointer} names {target.name}, which is not a complete checkpoint")
+            return target
+    return path
+
+
+def read_recipe(directory: str | Path) -> Recipe:
     directory = Path(directory)
     for name in (WEIGHTS, RECIPE):
         if not (directory / name).exists():
             raise CheckpointError(f"{directory} is not an alm-kit checkpoint: {name} is missing")
-    recipe = recipe_from_dict(yaml.safe_load((directory / RECIPE).read_text()), source=str(directory / RECIPE))
-    model = build_model(recipe.model)
-    if (directory / TOKENIZER).exists():
-        from transformers import AutoTokenizer
+    return recipe_from_dict(yaml.safe_load((directory / RECIPE).read_text()), source=str(directory / RECIPE))
 
-        model.decoder.tokenizer = AutoTokenizer.from_pretrained(str(directory / TOKENIZER))
+
+def differences(ours: Any, theirs: Any, key: str = "") -> list[str]:
+    """Key paths where two plain-data trees differ, as 'key: ours != theirs'."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        out = []
+        for k in sorted(set(ours) | set(theirs), key=str):
+            sub = f"{key}.{k}" if key else str(k)
+            out += differences(ours.get(k), theirs.get(k), sub)
+        return out
+    if isinstance(ours, list) and isinstance(theirs, list) and len(ours) == len(theirs):
+        return [d for i, (a, b) in enumerate(zip(ours, theirs)) for d in differences(a, b, f"{key}.{i}")]
+    return [] if ours == theirs else [f"{key}: {ours!r} != {theirs!r}"]
+
+
+def load_weights(model: AudioLanguageModel, directory: str | Path) -> None:
+    """Apply a checkpoint's weights to a model built from a recipe; errors say what does not match."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
     state = load_file(str(directory / WEIGHTS))
-    expected = checkpoint_state(model)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(model.state_dict()))
+    own = model.state_dict()
+    missing = sorted(checkpoint_keys(model) - set(state))
+    unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
         raise CheckpointError(
             f"{directory}: checkpoint does not match its recipe: "
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
-    own = model.state_dict()
     bad = [k for k, v in state.items() if v.shape != own[k].shape]
     if bad:
         raise CheckpointError(f"{directory}: shapes differ from the recipe's model for {bad[:5]}")
     model.load_state_dict(state, strict=False)
+
+
+def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu") -> tuple[AudioLanguageModel, Recipe]:
+    directory = resolve_checkpoint(directory)
+    recipe = read_recipe(directory)
+    model = build_model(recipe.model)
+    if (directory / TOKENIZER).exists():
+        from transformers import AutoTokenizer
+
+        model.decoder.tokenizer = AutoTokenizer.from_pretrained(str(directory / TOKENIZER))
+    load_weights(model, directory)
     return model.to(device).eval(), recipe
+
+
+def read_trainer_state(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / TRAINER_STATE
+    if not path.exists():
+        raise CheckpointError(f"{directory} holds no training state ({TRAINER_STATE}); it cannot be resumed")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Fold every peft LoRA layer into its base layer and put the base layer back; returns how many."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name, layer in layers:
+        layer.merge()
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, layer.get_base_layer())
+    return len(layers)
+
+
+def export_checkpoint(source: str | Path, out: str | Path) -> Path:
+    """A self-contained inference folder: LoRA merged into the base weights, every weight stored.
+
+    LoRA components become ``train: full`` in the exported recipe, so loading it injects no
+    adapters; since every weight is stored, the folder does not depend on what was frozen.
+    """
+    import dataclasses
+
+    source = resolve_checkpoint(source)
+    model, recipe = load_checkpoint(source)
+    merged = merge_lora(model)
+    entries = [dataclasses.replace(e, train="full", lora=None) if e.train == "lora" else e
+               for e in recipe.model.encoders]
+    changes = {"encoders": entries}
+    for name in ("fusion", "projector", "decoder", "layout"):
+        entry = getattr(recipe.model, name)
+        if entry is not None and entry.train == "lora":
+            changes[name] = dataclasses.replace(entry, train="full", lora=None)
+    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, **changes))
+    meta = json.loads((source / META).read_text()) if (source / META).exists() else {}
+    return save_checkpoint(model, recipe, out, {"step": meta.get("step"), "exported_from": str(source),
+                                                "merged_lora_layers": merged}, state=model.state_dict())
