@@ -40,8 +40,9 @@ class AudioSpec:
     sample_rate: int
     #: fixed clip length in seconds; None keeps the clip's own length (variable-length encoders)
     clip_seconds: float | None = None
-    #: how to fill a short clip: zeros, repeat the clip, or leave it short (then the mask says so)
-    pad: Literal["zero", "repeat", "none"] = "zero"
+    #: how to fill a short clip: zeros; tile the clip to the end (repeat); whole repeats then zeros,
+    #: as laion-clap (repeatpad); or leave it short (none). The mask marks zeros as padding.
+    pad: Literal["zero", "repeat", "repeatpad", "none"] = "zero"
     #: which part of a long clip to keep; "random" is used in training only (evaluation uses "start")
     crop: Literal["start", "center", "random"] = "start"
 

@@ -47,6 +47,8 @@ def test_pad_and_crop_policies():
     wave = np.arange(1, 11, dtype=np.float32)
     clip, n = fit_length(wave, AudioSpec(10, 2.5, "repeat"))
     assert list(clip) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3, 4, 5] and n == 25
+    clip, n = fit_length(wave, AudioSpec(10, 2.5, "repeatpad"))
+    assert list(clip) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 0, 0, 0, 0] and n == 20
     clip, n = fit_length(wave, AudioSpec(10, 1.2, "zero"))
     assert list(clip[10:]) == [0, 0] and n == 10
     assert list(fit_length(wave, AudioSpec(10, 0.4, crop="center"))[0]) == [4, 5, 6, 7]
@@ -55,6 +57,71 @@ def test_pad_and_crop_policies():
     assert list(fit_length(wave, spec, train=False)[0]) == [1, 2, 3, 4]
     starts = {fit_length(wave, spec, train=True, rng=np.random.default_rng(s))[0][0] for s in range(20)}
     assert len(starts) > 1
+
+
+def offset_of(clip: np.ndarray, source: np.ndarray) -> int:
+    """Where ``clip`` (an exact slice) starts in ``source``."""
+    (found,) = [i for i in range(len(source) - len(clip) + 1) if np.array_equal(source[i:i + len(clip)], clip)]
+    return found
+
+
+def test_random_crops_of_all_encoders_cover_the_same_time():
+    """One random position per clip, shared by every encoder: the same stretch of audio at 16 and 32 kHz."""
+    wave = np.random.default_rng(0).standard_normal(32000).astype(np.float32) * 0.1  # 2 s at 16 kHz
+    specs = {"a": AudioSpec(16000, 0.5, crop="random"), "b": AudioSpec(32000, 0.5, crop="random")}
+    upsampled = resample(wave, 16000, 32000)
+    starts = set()
+    for seed in range(5):
+        out = prepare_for_specs(wave, 16000, specs, train=True, rng=np.random.default_rng(seed))
+        start_a, start_b = offset_of(out["a"][0], wave), offset_of(out["b"][0], upsampled)
+        assert abs(start_a / 16000 - start_b / 32000) <= 1 / 16000
+        starts.add(start_a)
+    assert len(starts) == 5  # still random
+    # evaluation: deterministic, from the start, whatever the rng
+    for seed in range(2):
+        out = prepare_for_specs(wave, 16000, specs, train=False, rng=np.random.default_rng(seed))
+        np.testing.assert_array_equal(out["a"][0], wave[:8000])
+
+
+def laion_get_audio_features():
+    """laion-clap's own ``get_audio_features`` (training/data.py), compiled from its installed source.
+
+    Importing the module would run ``laion_clap/__init__`` (hub tokenizers) and need its training
+    dependencies; the padding branch only uses torch, so the function alone is taken from the file.
+    """
+    import ast
+    import contextlib
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    spec = importlib.util.find_spec("laion_clap")
+    if spec is None:
+        pytest.skip("laion-clap is not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / "training" / "data.py"
+    tree = ast.parse(path.read_text())
+    (func,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "get_audio_features"]
+    namespace = {"torch": torch, "F": torch.nn.functional, "np": np, "suppress": contextlib.suppress}
+    exec(compile(ast.Module([func], type_ignores=[]), str(path), "exec"), namespace)
+    return namespace["get_audio_features"]
+
+
+@pytest.mark.parametrize("length", [1, 7, 999, 1000, 1001, 3333, 4999, 5000, 5001, 9999, 10000])
+def test_short_clip_filling_matches_laion_clap(length):
+    """``repeatpad`` (CLAP's default) is laion's repeatpad; ``repeat`` is laion's repeat (tiling, as
+    Mellow's inference); ``zero`` is laion's pad. Real lengths: the zeros are padding."""
+    import torch
+
+    get_audio_features = laion_get_audio_features()
+    wave = np.random.default_rng(length).uniform(-1, 1, length).astype(np.float32)
+    target = 10000
+    for ours, theirs in (("repeatpad", "repeatpad"), ("repeat", "repeat"), ("zero", "pad")):
+        expected = get_audio_features({}, torch.from_numpy(wave.copy()), target, "rand_trunc", theirs, {})["waveform"]
+        clip, real = fit_length(wave, AudioSpec(1000, 10.0, ours))
+        np.testing.assert_array_equal(clip, expected.numpy(), err_msg=f"pad={ours}, {length} samples")
+        nonzero_end = target if ours == "repeat" else (target // length if ours == "repeatpad" else 1) * length
+        assert real == min(nonzero_end, target)
 
 
 def test_errors_name_the_file(tmp_path):

@@ -1,7 +1,9 @@
-"""Whisper and CLAP encoders at toy size: shapes, masks, layer taps, checkpoints, a fused recipe."""
+"""Whisper, CLAP and HTS-AT encoders at toy size: shapes, masks, frame rates, layer taps, checkpoints,
+resampling and cropping per encoder, a fused recipe."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict
 
 import numpy as np
@@ -12,15 +14,24 @@ from alm_kit.audio.io import prepare_for_specs
 from alm_kit.config.loader import recipe_from_dict
 from alm_kit.data.batch import Batch, collate_waveforms
 from alm_kit.encoders.clap import CLAPAudioEncoder, load_model_config
-from alm_kit.encoders.whisper import WhisperEncoder, whisper_dims
+from alm_kit.encoders.htsat import HTSATEncoder
+from alm_kit.encoders.whisper import WhisperEncoder, frames_for, whisper_dims
+from alm_kit.interfaces import AudioSpec, StreamInfo
 from alm_kit.model import build_model
-from tests.conftest import TINY_LLAMA
+from tests.conftest import TINY_HTSAT, TINY_LLAMA
 
 TINY_WHISPER = {"size": "tiny", "n_state": 64, "n_head": 2, "n_layer": 3}
 #: a very small CLAP HTS-AT at CLAP's 48 kHz / hop 480: 2.4 s = 241 mel frames (<= 64 x 4)
 TINY_CLAP = {
     "clip_seconds": 2.4, "mel_bins": 16, "spec_size": 64, "embed_dim": 8, "depths": [1, 1, 1],
     "num_heads": [1, 1, 2], "swin_window": 4, "num_classes": 12, "joint_dim": 16,
+}
+
+
+#: tiny HTS-AT at Mellow's rate and hop (32 kHz, 320) and at CLAP's (48 kHz, 480): 2 s = 201 mel frames
+TINY_HTSATS = {
+    "htsat32k": dict(TINY_HTSAT, sample_rate=32000, window_size=1024, hop_size=320, fmax=14000),
+    "htsat48k": dict(TINY_HTSAT, sample_rate=48000, window_size=1024, hop_size=480, fmax=14000, pad="repeatpad"),
 }
 
 
@@ -186,11 +197,13 @@ def test_clap_tiny_shapes_and_normalised_embedding(clap_enc):
 
 
 def test_clap_repeat_pads_and_reads_laion_configs(clap_enc):
-    assert clap_enc.spec.pad == "repeat"
+    assert clap_enc.spec.pad == "repeatpad"
     tone = np.sin(2 * np.pi * 440 * np.arange(48000) / 48000).astype(np.float32)  # 1 s
     wave, real = prepare_for_specs(tone, 48000, {"clap": clap_enc.spec})["clap"]
-    assert len(wave) == 115200 and real == 115200  # filled by repetition, all of it "real"
+    # laion-clap's repeatpad: two whole repeats of the 1 s clip, then zeros (padding) up to 2.4 s
+    assert len(wave) == 115200 and real == 96000
     np.testing.assert_array_equal(wave[48000:96000], tone)
+    assert not wave[96000:].any()
     cfg = load_model_config("HTSAT-tiny")["audio_cfg"]
     assert (cfg["sample_rate"], cfg["clip_samples"], cfg["hop_size"], cfg["mel_bins"]) == (48000, 480000, 480, 64)
     with pytest.raises(ValueError, match="unknown CLAP model config"):
@@ -199,7 +212,7 @@ def test_clap_repeat_pads_and_reads_laion_configs(clap_enc):
 
 def test_clap_paper_size_htsat_tiny():
     enc = CLAPAudioEncoder(CLAPAudioEncoder.Config())  # laion-clap's HTSAT-tiny.json
-    assert enc.spec.sample_rate == 48000 and enc.spec.clip_samples == 480000 and enc.spec.pad == "repeat"
+    assert enc.spec.sample_rate == 48000 and enc.spec.clip_samples == 480000 and enc.spec.pad == "repeatpad"
     assert enc.audio_cfg.hop_size == 480
     assert enc.info.frame_dim == 512 and enc.info.pooled_dim == 512
     assert sum(p.numel() for p in enc.audio_branch.parameters()) == 31_325_143
@@ -281,15 +294,105 @@ def test_recipe_with_clap_and_whisper_trains_through_concat_fusion():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.projector.parameters())
 
 
-@pytest.mark.parametrize("name", ["whisper", "clap"])
-def test_resampling_keeps_a_1khz_tone(name, whisper_enc, clap_enc):
-    spec = {"whisper": whisper_enc, "clap": clap_enc}[name].spec
+@pytest.fixture(scope="module")
+def encoders(whisper_enc, clap_enc):
+    """One tiny encoder of every built-in kind, HTS-AT at Mellow's and at CLAP's sample rate."""
+    return {"whisper": whisper_enc, "clap": clap_enc,
+            **{name: HTSATEncoder(HTSATEncoder.Config(**params)).eval() for name, params in TINY_HTSATS.items()}}
+
+
+ENCODERS = ["whisper", "clap", *TINY_HTSATS]
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_resampling_keeps_a_1khz_tone(name, encoders):
+    spec = encoders[name].spec
+    assert spec.sample_rate == {"whisper": 16000, "clap": 48000, "htsat32k": 32000, "htsat48k": 48000}[name]
     rate_in = 44100
     tone = (0.5 * np.sin(2 * np.pi * 1000.0 * np.arange(rate_in) / rate_in)).astype(np.float32)  # 1 s
     wave, real = prepare_for_specs(tone, rate_in, {name: spec})[name]
-    n = spec.sample_rate  # the first second: the tone itself (CLAP repeats it after that)
-    assert real == (n if spec.pad == "none" else spec.clip_samples) and len(wave) >= n
+    n = spec.sample_rate  # the first second: the tone itself (then padding or repeats)
+    assert len(wave) >= n
+    assert real == {"none": n, "zero": n, "repeat": spec.clip_samples,
+                    "repeatpad": n * (spec.clip_samples // n)}[spec.pad]
     spectrum = np.abs(np.fft.rfft(wave[:n] * np.hanning(n)))
     freqs = np.fft.rfftfreq(n, 1 / n)
     assert abs(freqs[np.argmax(spectrum)] - 1000.0) <= 1.0
     assert spectrum[np.abs(freqs - 1000.0) > 20].max() < 1e-3 * spectrum.max()  # no energy elsewhere
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_long_audio_is_cropped_per_the_recipe_and_deterministically_at_eval(name, encoders):
+    enc = encoders[name]
+    spec, rate, clip = enc.spec, enc.spec.sample_rate, enc.spec.clip_samples
+    long = noise(spec.clip_seconds + 1.5, rate, seed=3).numpy()
+    fit = lambda s, train, seed: prepare_for_specs(long, rate, {name: s}, train=train,  # noqa: E731
+                                                   rng=np.random.default_rng(seed))[name]
+    # evaluation (and the default crop: start): the first clip_seconds, whatever the rng
+    for seed in (0, 1):
+        wave, real = fit(spec, False, seed)
+        assert real == clip
+        np.testing.assert_array_equal(wave, long[:clip])
+    # the recipe's crop reaches the data path through the encoder's spec
+    for crop in ("center", "random"):
+        assert type(enc)(dataclasses.replace(enc.config, crop=crop)).spec.crop == crop
+    free = len(long) - clip
+    np.testing.assert_array_equal(fit(dataclasses.replace(spec, crop="center"), False, 0)[0],
+                                  long[free // 2: free // 2 + clip])
+    rand = dataclasses.replace(spec, crop="random")
+    np.testing.assert_array_equal(fit(rand, False, 5)[0], long[:clip])  # deterministic at evaluation
+    starts = {int(np.flatnonzero(long == fit(rand, True, seed)[0][0])[0]) for seed in range(4)}
+    assert len(starts) > 1  # random in training
+    # the encoder takes the cropped clip at its full size
+    with torch.no_grad():
+        out = enc(torch.from_numpy(wave)[None], torch.tensor([real]))
+    assert out.frames.shape[1] == (enc.info.num_frames or frames_for(clip)) and out.mask.all()
+
+
+def test_whisper_refuses_more_than_30s():
+    enc = WhisperEncoder(WhisperEncoder.Config(pad="none", **TINY_WHISPER))
+    with pytest.raises(ValueError, match="at most 30 s"):
+        enc(torch.zeros(1, 480_320), torch.tensor([480_320]))
+
+
+@pytest.mark.parametrize("output", ["sed", "fine_grained", "embedding"])
+def test_htsat_outputs_shapes_masks_and_frame_rates(output, encoders):
+    base = encoders["htsat32k"]  # sed
+    enc = HTSATEncoder(HTSATEncoder.Config(**dict(TINY_HTSATS["htsat32k"], output=output))).eval()
+    assert enc.spec == AudioSpec(32000, 2.0, "zero", "start")
+    # 16 time steps, each repeated 32x, over 2 s; widths: 12 classes, latent 8 * 2^2 = 32
+    frames, dim = {"sed": (512, 12), "fine_grained": (512, 32), "embedding": (1, 32)}[output]
+    assert enc.info == StreamInfo(dim, 32, None if output == "embedding" else frames / 2.0, frames)
+    waves = torch.stack([noise(2.0, 32000), noise(2.0, 32000, seed=1)])
+    waves[1, 16000:] = 0  # 0.5 s of real audio
+    lengths = torch.tensor([64000, 16000])
+    with torch.no_grad():
+        out = enc(waves, lengths)
+        sed = base(waves, lengths)
+    assert out.frames.shape == (2, frames, dim) and out.pooled.shape == (2, 32)
+    torch.testing.assert_close(out.pooled, sed.pooled)  # same weights: the clip latent does not depend on output
+    assert out.mask[0].all()
+    assert out.mask[1].sum() == (1 if output == "embedding" else frames // 4)
+    if output == "embedding":
+        torch.testing.assert_close(out.frames[:, 0], out.pooled)
+    else:  # each time step repeated 32x, as HTS-AT does
+        torch.testing.assert_close(out.frames, out.frames[:, ::32].repeat_interleave(32, 1))
+    if output == "sed":
+        assert torch.all((out.frames >= 0) & (out.frames <= 1))
+    # one frame per time step
+    single = HTSATEncoder(HTSATEncoder.Config(**dict(TINY_HTSATS["htsat32k"], output=output,
+                                                     repeat_frames=False))).eval()
+    if output != "embedding":
+        assert single.info.num_frames == 16 and single.info.frame_rate == 8.0
+        with torch.no_grad():
+            torch.testing.assert_close(single(waves, lengths).frames, out.frames[:, ::32])
+
+
+def test_htsat_at_clap_settings_and_clap_frame_rate(encoders, clap_enc):
+    enc = encoders["htsat48k"]
+    assert enc.spec == AudioSpec(48000, 2.0, "repeatpad", "start") and enc.info.frame_rate == 256.0
+    with torch.no_grad():
+        out = enc(noise(2.0, 48000)[None], torch.tensor([96000]))
+    assert out.frames.shape == (1, 512, 12)
+    # CLAP's framewise latent: frames per second of the 2.4 s window
+    assert clap_enc.info.frame_rate == clap_enc.info.num_frames / 2.4

@@ -109,8 +109,8 @@ class CLAPAudioEncoder(Encoder):
         frames: bool = False
         #: keep the branch's repeated frames (32x for HTS-AT) or one frame per time step
         repeat_frames: bool = True
-        #: CLAP fills short clips by repetition
-        pad: Literal["zero", "repeat"] = "repeat"
+        #: short clips: laion-clap's repeatpad (whole repeats, then zeros), tiling to the end, or zeros
+        pad: Literal["zero", "repeat", "repeatpad"] = "repeatpad"
         crop: Literal["start", "center", "random"] = "start"
         #: laion-clap checkpoint (.pt/.ckpt) with audio_branch.* and audio_projection.* weights
         checkpoint: str | None = None

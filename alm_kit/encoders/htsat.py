@@ -38,7 +38,8 @@ class HTSATEncoder(Encoder):
         output: Literal["sed", "fine_grained", "embedding"] = "sed"
         sample_rate: int = 32000
         clip_seconds: float = 10.0
-        pad: Literal["zero", "repeat"] = "zero"
+        #: short clips: zeros (Mellow's training), tiled to the end (Mellow's inference), or laion-clap's repeatpad
+        pad: Literal["zero", "repeat", "repeatpad"] = "zero"
         crop: Literal["start", "center", "random"] = "start"
         window_size: int = 1024
         hop_size: int = 320
