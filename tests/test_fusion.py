@@ -193,6 +193,38 @@ def test_chain_adapters_then_perceiver():
     assert out.frames.shape == (2, 81, 8) and out.mask[1, 6:].sum() == 31
 
 
+def test_alarm_p_adapts_only_the_main_stream():
+    """ALARM-P: Whisper gets the conv adapter, the other streams reach their Perceivers as they are."""
+    w_info, w = stream(6, 150, (150, 61), rate=50.0)
+    h_info, h = stream(5, 300, (300, 122), seed=1, rate=100.0)
+    fusion = chain_of([w_info, h_info], ("downsample", {"width": 8, "adapt": [True, False]}),
+                      ("perceiver", {"num_latents": 4, "hidden_dim": 8, "num_heads": 2, "num_layers": 1}))
+    adapters = fusion.steps[0]
+    assert adapters.strides == [2, None] and list(adapters.adapters) == ["0"]
+    assert adapters.stream_infos[1] is h_info and adapters.stream_infos[0].frame_dim == 8
+    assert fusion.steps[1].resamplers[0].layers[0].cross_attn.norm_kv.normalized_shape == (5,)  # reads raw h
+    with torch.no_grad():
+        handed = adapters.forward_streams([w, h])
+        out = fusion([w, h])
+    assert handed[1] is h and out.frames.shape == (2, 1 + 4 + 1 + 75, 8)
+    with pytest.raises(ValueError, match="one width"):
+        make(DownsampleFusion, [w_info, h_info], width=8, adapt=[True, False], combine="sum")
+    with pytest.raises(ValueError, match="adapt has 1 entries"):
+        make(DownsampleFusion, [w_info, h_info], adapt=[True])
+
+
+def test_adapter_layers_follow_alarm():
+    """ALARM's DownsamplerConformer (use_conformer false): no input Linear when widths match, k=3 conv to
+    2x width, k=4 stride-2 conv back; then its llm_proj."""
+    from alm_kit.fusion.downsample import ConvAdapter
+
+    same = ConvAdapter(16, 16, 32, stride=2)
+    assert isinstance(same.inp, torch.nn.Identity)
+    assert same.conv.weight.shape == (32, 16, 3) and same.down.weight.shape == (16, 32, 4)
+    assert same.out.weight.shape == (32, 16)
+    assert ConvAdapter(12, 16, 32, stride=2, expansion=1).conv.weight.shape == (16, 16, 3)
+
+
 def test_chain_errors_name_the_step():
     from alm_kit.config.parse import ConfigError
 

@@ -1,7 +1,9 @@
 """ALARM's per-encoder adapters: bring every stream to one token rate with strided convolutions, then join.
 
-Per stream: ``Linear(D -> width) -> Conv1d(k=3) + GELU + LayerNorm -> Conv1d(k, stride s) + GELU +
-LayerNorm -> Linear(width -> output_dim)``. The stride is chosen from the stream's frame rate so that
+Per stream (ALARM's ``DownsamplerConformer`` without the Conformer, + its ``llm_proj``):
+``Linear(D -> width) -> Conv1d(width -> e*width, k=3) + GELU + LayerNorm -> Conv1d(e*width -> width, k,
+stride s) + GELU + LayerNorm -> Linear(width -> output_dim)`` with e = ``expansion`` (ALARM: 2; the first
+Linear is skipped when D = width, as in ALARM). The stride is chosen from the stream's frame rate so that
 every stream ends near ``target_rate`` tokens per second (ALARM: 25/s; Whisper's 50/s -> stride 2).
 Padded frames are zeroed before each convolution, so padding never reaches a real output token; an
 output token is valid when any input frame of its window is. The streams are then cut to the
@@ -9,6 +11,7 @@ shortest length and concatenated on the feature axis (or summed).
 
 As a step of a ``chain`` (not the last one) the adapted streams are handed on unjoined
 (``forward_streams``): ALARM's adapters in front of cross-attention or Perceiver compression.
+``adapt`` leaves chosen streams as they are (ALARM-P adapts only Whisper's).
 """
 
 from __future__ import annotations
@@ -36,16 +39,16 @@ class ConvAdapter(nn.Module):
     """One stream's adapter (B, T, D) -> (B, ceil(T / stride), output_dim), mask-aware."""
 
     def __init__(self, input_dim: int, width: int, output_dim: int, stride: int, kernel_size: int = 4,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, expansion: int = 2) -> None:
         super().__init__()
         self.stride = stride
         #: a window never skips frames: the kernel covers at least one stride
         self.kernel = max(kernel_size, stride)
         self.left = max(0, (self.kernel - stride) // 2)
-        self.inp = nn.Linear(input_dim, width)
-        self.conv = nn.Conv1d(width, width, 3, padding=1)
-        self.norm = nn.LayerNorm(width)
-        self.down = nn.Conv1d(width, width, self.kernel, stride=stride)
+        self.inp = nn.Identity() if input_dim == width else nn.Linear(input_dim, width)
+        self.conv = nn.Conv1d(width, expansion * width, 3, padding=1)
+        self.norm = nn.LayerNorm(expansion * width)
+        self.down = nn.Conv1d(expansion * width, width, self.kernel, stride=stride)
         self.down_norm = nn.LayerNorm(width)
         self.drop = nn.Dropout(dropout)
         self.out = nn.Linear(width, output_dim)
@@ -83,8 +86,12 @@ class DownsampleFusion(Fusion):
         output_dim: int | None = None
         #: strided convolution kernel (widened to the stride when the stride is larger)
         kernel_size: int = 4
+        #: channels of the k=3 convolution = expansion * width (ALARM: 2)
+        expansion: int = 2
         #: frames per token for each stream (null: round(frame_rate / target_rate))
         strides: list[int] | None = None
+        #: which streams get an adapter (null: all); the others pass through unchanged (ALARM-P: only Whisper's)
+        adapt: list[bool] | None = None
         #: join the adapted streams on the feature axis, or add them
         combine: Literal["concat", "sum"] = "concat"
         dropout: float = 0.0
@@ -92,44 +99,64 @@ class DownsampleFusion(Fusion):
         def __post_init__(self) -> None:
             if self.target_rate <= 0:
                 raise ValueError("target_rate must be > 0")
-            if self.width < 1 or (self.output_dim is not None and self.output_dim < 1) or self.kernel_size < 1:
-                raise ValueError("width, output_dim and kernel_size must be >= 1")
+            if (self.width < 1 or (self.output_dim is not None and self.output_dim < 1) or self.kernel_size < 1
+                    or self.expansion < 1):
+                raise ValueError("width, output_dim, kernel_size and expansion must be >= 1")
+            if self.adapt is not None and not any(self.adapt):
+                raise ValueError("adapt must choose at least one stream")
             if self.strides is not None and any(s < 1 for s in self.strides):
                 raise ValueError("strides must be >= 1")
 
     def __init__(self, config: Config, streams: list[StreamInfo]) -> None:
         super().__init__(config, streams)
-        if config.strides is not None and len(config.strides) != len(streams):
-            raise ValueError(f"strides has {len(config.strides)} entries for {len(streams)} encoder streams")
-        strides = config.strides or [stride_for(s, config.target_rate) for s in streams]
+        for key in ("strides", "adapt"):
+            given = getattr(config, key)
+            if given is not None and len(given) != len(streams):
+                raise ValueError(f"{key} has {len(given)} entries for {len(streams)} encoder streams")
+        adapt = config.adapt or [True] * len(streams)
+        strides = config.strides or [stride_for(s, config.target_rate) if a else 1 for s, a in zip(streams, adapt)]
         out_dim = config.output_dim or config.width
-        self.adapters = nn.ModuleList(
-            ConvAdapter(s.frame_dim, config.width, out_dim, stride, config.kernel_size, config.dropout)
-            for s, stride in zip(streams, strides)
-        )
+        #: adapters by stream index ("0", "1", ...); streams without one pass through
+        self.adapters = nn.ModuleDict({
+            str(i): ConvAdapter(s.frame_dim, config.width, out_dim, stride, config.kernel_size, config.dropout,
+                                config.expansion)
+            for i, (s, stride, a) in enumerate(zip(streams, strides, adapt)) if a
+        })
         #: each stream after its adapter (what a chain's next step receives)
-        self.stream_infos = [
-            StreamInfo(frame_dim=out_dim, pooled_dim=s.pooled_dim,
-                       frame_rate=None if s.frame_rate is None else s.frame_rate / a.stride,
-                       num_frames=None if s.num_frames is None else a.out_length(s.num_frames))
-            for s, a in zip(streams, self.adapters)
-        ]
+        self.stream_infos = [self._adapted(i, s, out_dim) for i, s in enumerate(streams)]
+        widths = {s.frame_dim for s in self.stream_infos}
+        if config.combine == "sum" and len(widths) > 1:
+            raise ValueError(f"combine: sum needs streams of one width; these have {sorted(widths)} "
+                             "(streams without an adapter keep their width)")
         pooled = [s.pooled_dim for s in streams if s.pooled_dim is not None]
         lengths = [s.num_frames for s in self.stream_infos if s.num_frames is not None]
         self.info = StreamInfo(
-            frame_dim=out_dim * (len(streams) if config.combine == "concat" else 1),
+            frame_dim=sum(s.frame_dim for s in self.stream_infos) if config.combine == "concat" else out_dim,
             pooled_dim=sum(pooled) if pooled else None,
             frame_rate=config.target_rate,
             num_frames=min(lengths) if len(lengths) == len(streams) else None,
         )
 
+    def adapter_for(self, index: int) -> ConvAdapter | None:
+        return self.adapters[str(index)] if str(index) in self.adapters else None
+
+    def _adapted(self, index: int, stream: StreamInfo, out_dim: int) -> StreamInfo:
+        adapter = self.adapter_for(index)
+        if adapter is None:
+            return stream
+        return StreamInfo(frame_dim=out_dim, pooled_dim=stream.pooled_dim,
+                          frame_rate=None if stream.frame_rate is None else stream.frame_rate / adapter.stride,
+                          num_frames=None if stream.num_frames is None else adapter.out_length(stream.num_frames))
+
     @property
-    def strides(self) -> list[int]:
-        return [a.stride for a in self.adapters]
+    def strides(self) -> list[int | None]:
+        """Frames per output token of each stream (None: no adapter)."""
+        return [None if (a := self.adapter_for(i)) is None else a.stride for i in range(len(self.streams))]
 
     def forward_streams(self, features: list[AudioFeatures]) -> list[AudioFeatures]:
         """Every stream through its adapter, not joined (pooled vectors pass through)."""
-        return [AudioFeatures(*adapter(f.frames, f.mask), f.pooled) for adapter, f in zip(self.adapters, features)]
+        adapters = [self.adapter_for(i) for i in range(len(features))]
+        return [f if a is None else AudioFeatures(*a(f.frames, f.mask), f.pooled) for a, f in zip(adapters, features)]
 
     def forward(self, features: list[AudioFeatures]) -> AudioFeatures:
         adapted = self.forward_streams(features)
