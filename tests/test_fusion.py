@@ -33,6 +33,29 @@ def make(cls, streams, **params):
     return cls(cls.Config(**params), streams).eval()
 
 
+# --------------------------------------------------------------------------- concat
+def test_concat_pools_every_stream_to_length_and_can_keep_clip_level_streams_pooled_only():
+    from alm_kit.fusion.concat import ConcatFusion
+
+    w_info, w = stream(6, 150, (150, 75), rate=50.0, pooled=6)  # Whisper-like, second clip half real
+    h_info, h = stream(4, 40, (40, 40), seed=1, rate=102.4, pooled=3)
+    c_info, c = stream(5, 1, (1, 1), seed=2, pooled=5)  # CLAP: one frame, no frame rate
+    every = make(ConcatFusion, [w_info, h_info, c_info], length=30)
+    assert every.info == StreamInfo(frame_dim=15, pooled_dim=14, num_frames=30)
+    tg = make(ConcatFusion, [w_info, h_info, c_info], length=30, temporal_only=True)  # TinyGiantALM
+    assert tg.info == StreamInfo(frame_dim=10, pooled_dim=14, num_frames=30)
+    with torch.no_grad():
+        out, joined = every([w, h, c]), tg([w, h, c])
+    assert out.frames.shape == (2, 30, 15) and joined.frames.shape == (2, 30, 10)
+    torch.testing.assert_close(out.frames[..., 10:], c.frames.expand(-1, 30, -1))  # the one frame, spread
+    torch.testing.assert_close(joined.frames, out.frames[..., :10])
+    torch.testing.assert_close(joined.pooled, torch.cat([w.pooled, h.pooled, c.pooled], -1))
+    torch.testing.assert_close(joined.frames[0, :, :6], w.frames[0].view(30, 5, 6).mean(1))  # 5 frames per token
+    assert joined.mask.all()  # the HTS-AT stream is real everywhere
+    with pytest.raises(ValueError, match="temporal_only"):
+        make(ConcatFusion, [c_info, c_info], temporal_only=True)
+
+
 # --------------------------------------------------------------------------- downsample
 def test_downsample_brings_every_stream_to_the_target_rate():
     a_info, a = stream(6, 150, (150, 61), rate=50.0, pooled=3)  # 3 s at 50/s
