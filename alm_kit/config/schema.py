@@ -94,6 +94,24 @@ class DataConfig:
 
 
 @dataclass
+class AlignConfig:
+    """The alignment stage (``training.objective: align``, docs/training.md)."""
+
+    #: which text of each example the audio is aligned with (the caption is usually the response)
+    text: Literal["response", "prompt"] = "response"
+    #: initial softmax temperature of the contrastive logits (CLIP: 0.07); learned
+    init_temperature: float = 0.07
+    #: the learned logit scale is clamped to at most this (CLIP: 100)
+    max_logit_scale: float = 100.0
+    #: learning rate of the text head and the logit scale; null: training.lr
+    lr: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("init_temperature", "max_logit_scale", "lr"):
+            _positive(name, getattr(self, name))
+
+
+@dataclass
 class TrainingConfig:
     output_dir: str = "runs/{name}"
     epochs: float = 1.0
@@ -138,6 +156,13 @@ class TrainingConfig:
     tensorboard: bool = True
     #: DataLoader worker processes that read and prepare audio
     num_workers: int = 0
+    #: lm: next-token loss on the response; align: contrastive audio-text alignment (BLIP-2 stage 1)
+    objective: Literal["lm", "align"] = "lm"
+    align: AlignConfig = field(default_factory=AlignConfig)
+    #: start from the weights of this checkpoint directory (e.g. an alignment stage's), then train
+    init_from: str | None = None
+    #: components to take from init_from (projector, fusion, encoders.<id>, decoder, layout); null: all it has
+    init_components: list[str] | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum_steps", "lr", "max_steps", "log_every", "save_every",

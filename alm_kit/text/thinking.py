@@ -38,7 +38,8 @@ COTA_SECTIONS: tuple[tuple[str, str], ...] = (
     ("logic", "Logic"),
     ("summary", "Summary"),
 )
-_HEADING = re.compile(r"^(%s):[ \t]*" % "|".join(re.escape(h) for _, h in COTA_SECTIONS), re.MULTILINE)
+_HEADINGS = "|".join(re.escape(heading) for _, heading in COTA_SECTIONS)
+_HEADING = re.compile(rf"^({_HEADINGS}):[ \t]*", re.MULTILINE)
 
 
 def format_thinking(thought: str, answer: str) -> str:
