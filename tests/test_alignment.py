@@ -107,7 +107,8 @@ def test_pre_aligned_projector_is_fine_tuned_by_a_recipe_that_extends_the_alignm
         "model: {decoder: {train: full}}\n"
         "training: {objective: lm, max_steps: 3, lr: 1.0e-3, init_components: [projector]}\n")
     aligned = train(load_recipe(tmp_path / "align.yaml"), progress=False, run_dir=tmp_path / "align")
-    recipe = load_recipe(tmp_path / "finetune.yaml", [f"training.init_from={aligned.checkpoint}"])
+    # init_from takes the run folder (its latest checkpoint) or a checkpoint directory
+    recipe = load_recipe(tmp_path / "finetune.yaml", [f"training.init_from={tmp_path / 'align'}"])
     assert recipe.model.decoder.train == "full" and recipe.training.objective == "lm"
     assert recipe.model.projector.name == "mlp" and recipe.data.train == str(captions)  # inherited
     trainer = Trainer(recipe, progress=False, run_dir=tmp_path / "finetune")

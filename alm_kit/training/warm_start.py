@@ -9,17 +9,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alm_kit.checkpoint import WEIGHTS
+from alm_kit.checkpoint import WEIGHTS, resolve_checkpoint
 from alm_kit.errors import CheckpointError
 from alm_kit.model import AudioLanguageModel
 
 
 def init_from_checkpoint(model: AudioLanguageModel, directory: str | Path,
                          components: list[str] | None = None) -> list[str]:
-    """Copy the checkpoint's tensors of ``components`` into ``model``; return the names copied."""
+    """Copy the checkpoint's tensors of ``components`` into ``model``; return the names copied.
+
+    ``directory`` is a checkpoint or a run folder (then its latest checkpoint)."""
     from safetensors.torch import load_file
 
-    directory = Path(directory)
+    directory = resolve_checkpoint(directory)  # a checkpoint, or a run folder (its latest checkpoint)
     if not (directory / WEIGHTS).exists():
         raise CheckpointError(f"training.init_from: {directory} is not an alm-kit checkpoint ({WEIGHTS} is missing)")
     state = load_file(str(directory / WEIGHTS))
