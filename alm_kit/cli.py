@@ -20,13 +20,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     from alm_kit.training.engine import train
 
     recipe = _recipe(args.recipe, args.overrides)
-    result = train(recipe, progress=not args.quiet)
+    result = train(recipe, progress=not args.quiet, resume=args.resume, overwrite=args.overwrite)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return 0
     print(f"checkpoint: {result.checkpoint}")
+    if result.interrupted:
+        print(f"interrupted after step {result.steps}; continue with: alm-kit train {args.recipe} --resume")
+        return 130
     if result.losses:
         print(f"loss: first {result.losses[0]:.4f}, last {result.losses[-1]:.4f} after {result.steps} steps")
     if result.evaluation:
         print(f"\nheld-out multiple-choice accuracy ({recipe.data.eval}):\n")
         print(format_table(result.evaluation["table"]))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from alm_kit.checkpoint import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out)
+    print(f"exported {out} (LoRA merged; load it like any checkpoint)")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from alm_kit.training.monitor import plot_run
+
+    print(plot_run(args.run_dir, args.out))
     return 0
 
 
@@ -132,7 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. training.lr=3e-4 data.train=x.jsonl")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the checkpoints of an earlier run in the same folder and start again")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="write a checkpoint as a self-contained inference folder (LoRA merged)")
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("plot", help="draw a run's loss and accuracy curves as a PNG (needs matplotlib)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="PNG path (default: RUN_DIR/curves.png)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("generate", help="answer a prompt about one or more audio clips")
     p.add_argument("--checkpoint", required=True)

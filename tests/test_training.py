@@ -66,7 +66,9 @@ def test_metrics_and_checkpoint_files(trained):
     assert {"step", "loss", "lr", "samples_per_s"} <= set(json.loads(lines[-1]))
     for name in ("model.safetensors", "recipe.yaml", "meta.json", "tokenizer"):
         assert (result.checkpoint / name).exists()
-    assert not result.checkpoint.with_name("checkpoint.tmp").exists()
+    assert result.checkpoint == result.run_dir / "checkpoints" / "step-24"
+    assert (result.run_dir / "checkpoints" / "latest").read_text().strip() == "step-24"
+    assert not list(result.checkpoint.parent.glob("*.tmp"))
 
 
 def test_checkpoint_reload_gives_identical_logits(trained):

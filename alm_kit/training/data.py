@@ -109,8 +109,11 @@ class ManifestData:
             order = self.batches(self.epoch)
             mine = [order[i] for i in range(self.index + self.rank, len(order), self.world)]
             self.dataset.epoch = self.epoch  # random crops differ per epoch, not per rank
+            # its own generator: creating a loader must not draw from the global RNG, or a resumed run,
+            # which creates one mid-epoch, would continue with other random numbers (dropout) than the original
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=mine, collate_fn=collate,
-                                                 num_workers=self.num_workers)
+                                                 num_workers=self.num_workers, generator=generator)
             for batch in loader:
                 self.index += self.world
                 yield batch

@@ -82,13 +82,22 @@ def wrap(model: nn.Module, world: World) -> nn.Module:
     if not world.enabled:
         return model
     if world.strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:
+            raise RuntimeError("training.strategy: fsdp needs torch >= 2.6 (torch.distributed.fsdp.fully_shard)") \
+                from None
+        # frozen encoders (and fusion) stay whole on every rank: nothing to synchronise, no gathering
+        ignored = {p for path, (module, spec) in model.components().items()
+                   if spec.train == "frozen" and path != "decoder" for p in module.parameters()}
+        for param in model.parameters():
+            if param not in ignored and not param.is_contiguous():
+                param.data = param.data.contiguous()  # fully_shard refuses strided parameters
         blocks = set(getattr(model.decoder.language_model, "_no_split_modules", None) or ())
         for module in list(model.modules()):
             if type(module).__name__ in blocks:
                 fully_shard(module)
-        fully_shard(model)
+        fully_shard(model, ignored_params=ignored)
         return model
     from torch.nn.parallel import DistributedDataParallel
 

@@ -1,0 +1,97 @@
+"""Two CPU processes under torchrun (gloo): DDP and FSDP2 train exactly like one process with the same global batch.
+
+One process with batch 2 and 2 accumulation steps averages the losses of micro-batches 2s and
+2s+1 at step s; with 2 ranks of batch 2, rank r takes micro-batch 2s+r and DDP (or FSDP's
+reduce-scatter) averages the two ranks' gradients: the same update.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from alm_kit.checkpoint import load_checkpoint
+from alm_kit.config.loader import recipe_from_dict
+from alm_kit.training.engine import train
+from tests.conftest import tiny_recipe_dict
+
+WORKER = """
+import json, os, sys
+import torch
+from alm_kit.config import load_recipe
+from alm_kit.training.engine import Trainer
+
+trainer = Trainer(load_recipe(sys.argv[1]), progress=False)
+result = trainer.fit()
+rank = os.environ["RANK"]
+torch.save(trainer.model.state_dict(), os.path.join(sys.argv[2], f"rank{rank}.pt"))
+with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
+    json.dump({"losses": result.losses, "world": trainer.world.size}, f)
+"""
+
+
+def torchrun(*args: str, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=240)
+
+
+def recipe_dict(manifest, run_dir, **changes):
+    data = tiny_recipe_dict(**{"training.max_steps": 3, "training.lr": 1e-2, "training.batch_size": 2,
+                               "training.num_threads": 1, **changes})
+    data["data"] = {"train": str(manifest)}
+    data["training"]["output_dir"] = str(run_dir)
+    return data
+
+
+@pytest.fixture
+def single_process(tone_dataset, tmp_path):
+    """The reference: one process, batch 2, accumulating 2 micro-batches per step."""
+    result = train(recipe_from_dict(recipe_dict(tone_dataset, tmp_path / "single", **{
+        "training.grad_accum_steps": 2})), progress=False)
+    model, _ = load_checkpoint(result.checkpoint)
+    return result.losses, model.state_dict()
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(tone_dataset, tmp_path,
+                                                                                 single_process):
+    losses, weights = single_process
+    recipe = tmp_path / "ddp.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_dict(tone_dataset, tmp_path / "ddp")))
+    (tmp_path / "worker.py").write_text(WORKER)
+    out = torchrun(str(tmp_path / "worker.py"), str(recipe), str(tmp_path), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in reports] == [2, 2]
+    for name, tensor in ranks[0].items():  # both ranks end with the same weights
+        torch.testing.assert_close(ranks[1][name], tensor, rtol=0, atol=0, msg=name)
+    for name, tensor in weights.items():  # ... which are the single process's
+        torch.testing.assert_close(ranks[0][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    assert reports[0]["losses"] == reports[1]["losses"] == pytest.approx(losses, abs=1e-5)
+    # only rank 0 wrote the run folder
+    assert (tmp_path / "ddp" / "checkpoints" / "step-3").is_dir()
+    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.slow
+def test_fsdp_through_the_cli_matches_one_process(tone_dataset, tmp_path, single_process):
+    losses, weights = single_process
+    recipe = tmp_path / "fsdp.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_dict(tone_dataset, tmp_path / "fsdp", **{"training.strategy": "fsdp"})))
+    out = torchrun("-m", "alm_kit", "train", str(recipe), "--quiet", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("checkpoint: ") == 1  # rank 0 reports
+    model, _ = load_checkpoint(tmp_path / "fsdp")
+    for name, tensor in weights.items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    records = [json.loads(line) for line in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in records] == pytest.approx(losses, abs=1e-5)
