@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _recipe(path: str, overrides: Sequence[str]):
@@ -47,6 +48,17 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from alm_kit.training.monitor import plot_run
 
     print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from alm_kit.compare import compare, format_markdown
+
+    results = compare(args.sources, args.eval, steps=args.steps, out_dir=args.out, overrides=args.set,
+                      limit=args.limit, progress=not args.quiet)
+    print(format_markdown(results, args.eval or None))
+    written = ", ".join(str(p) for p in sorted(Path(args.out).glob("compare.*")))
+    print(f"\nwrote {written}")
     return 0
 
 
@@ -166,6 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--out", help="PNG path (default: RUN_DIR/curves.png)")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("compare", help="train/load several models, score them on one test file, write a "
+                                       "table (Markdown + CSV) and a plot")
+    p.add_argument("sources", nargs="+", metavar="RECIPE_OR_RUN",
+                   help="recipe files (trained here) or run folders / checkpoints (used as they are)")
+    p.add_argument("--eval", help="MMAU-format test file (default: the first recipe's data.eval)")
+    p.add_argument("--steps", type=int, help="training steps for every recipe (training.max_steps)")
+    p.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override applied to every recipe (repeatable)")
+    p.add_argument("--limit", type=int, help="score only the first N test items")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("generate", help="answer a prompt about one or more audio clips")
     p.add_argument("--checkpoint", required=True)
