@@ -1,11 +1,13 @@
-"""The training engine: one loop for every recipe.
+"""The training engine: one loop for every recipe (docs/training.md lists every key it reads).
 
-Reads ``training.*`` of the recipe (docs/training.md): parameter groups with a
-learning rate per component, AdamW without weight decay on norms and biases,
-linear warm-up + cosine decay, gradient accumulation and clipping, bf16
-autocast on CUDA (fp32 on CPU), the frozen-encoder feature cache, progress bar,
-metrics as JSON Lines, a checkpoint at the end and a multiple-choice evaluation
-when the recipe names a test file.
+A step: ``grad_accum_steps`` micro-batches of this rank's :class:`~alm_kit.training.data.TrainingData`
+(a resumable stream: manifests, or shards), each under bf16 autocast on CUDA (fp32 on the CPU),
+loss on response tokens only; then a check that every loss was finite, gradient clipping, AdamW
+(one group per component, its own learning rate, no decay on norms and biases; fused on CUDA) and
+the warm-up + cosine schedule. Around it: checkpoints every ``save_every`` steps and at the end
+with everything an exact resume needs, Ctrl-C/SIGTERM saving, periodic evaluation, metrics, and
+the same code under torchrun (distributed.py). The pieces live next to this module: data.py,
+checkpointing.py, distributed.py, monitor.py, feature_cache.py, objectives.py.
 """
 
 from __future__ import annotations
@@ -311,14 +313,22 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     @contextmanager
     def _stop_on_signal(self):
-        """Ctrl-C / SIGTERM: finish the current step, save a checkpoint, stop (a second Ctrl-C aborts)."""
+        """Ctrl-C / SIGTERM: finish the current step, save a checkpoint, stop (a second Ctrl-C aborts).
+
+        Signals within 2 s of the first count as the same request: under torchrun a worker gets the
+        terminal's SIGINT and, right after, the one the launcher forwards.
+        """
         if threading.current_thread() is not threading.main_thread():
             yield
             return
+        first = []
 
         def request_stop(signum, frame):
             if self._stop_requested:
-                raise KeyboardInterrupt
+                if signum == signal.SIGINT and time.monotonic() - first[0] > 2.0:
+                    raise KeyboardInterrupt
+                return
+            first.append(time.monotonic())
             self._stop_requested = True
             self.log(f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
                      "(press Ctrl-C again to abort without saving)")
