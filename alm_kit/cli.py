@@ -142,6 +142,19 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_shard(args: argparse.Namespace) -> int:
+    from alm_kit.data.shards import write_shards
+
+    report = write_shards(args.manifest, args.out_dir, prefix=args.prefix, max_per_shard=args.max_per_shard,
+                          max_shard_bytes=args.max_shard_bytes, format=args.format,
+                          skip_bad_audio=args.skip_bad_audio, progress=not args.quiet)
+    for problem in report.skipped:
+        print(f"skipped: {problem}", file=sys.stderr)
+    print(f"wrote {report.examples} examples ({report.bytes / 2**20:.1f} MiB) to {len(report.shards)} shard(s)")
+    print(f"data.train: {report.pattern}")
+    return 0
+
+
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from alm_kit.data.synth import synthesize
 
@@ -233,6 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("shard", help="write WebDataset tar shards from a manifest (audio bytes copied as they are)")
+    p.add_argument("manifest")
+    p.add_argument("out_dir")
+    p.add_argument("--max-per-shard", type=int, default=1000, help="examples per shard (default 1000)")
+    p.add_argument("--max-shard-bytes", type=float, default=float(1 << 30),
+                   help="close a shard once it holds this many bytes (default 1 GiB; 0: no limit)")
+    p.add_argument("--prefix", help="shard names PREFIX-000000.tar ... (default: the manifest's name)")
+    p.add_argument("--format", choices=["auto", "jsonl", "reasonaqa"], default="auto")
+    p.add_argument("--skip-bad-audio", action="store_true", help="leave out examples with unreadable audio")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_data_shard)
+
     p = data.add_parser("synth", help="write the synthetic audio QA set (train manifest + MMAU-format test)")
     p.add_argument("out_dir")
     p.add_argument("--n-train", type=int, default=2000)

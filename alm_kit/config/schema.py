@@ -67,8 +67,9 @@ class SynthDataConfig:
 
 @dataclass
 class DataConfig:
-    #: training manifest (JSON Lines, docs/data.md) or Mellow ReasonAQA file
-    train: str | None = None
+    #: training manifest (JSON Lines, docs/data.md) or Mellow ReasonAQA file; or WebDataset tar shards:
+    #: a list of .tar paths and/or brace patterns ("shards/train-{000000..000009}.tar"), streamed
+    train: str | list[str] | None = None
     #: multiple-choice test file (MMAU format) scored after training
     eval: str | None = None
     format: Literal["auto", "jsonl", "reasonaqa"] = "auto"
@@ -85,8 +86,11 @@ class DataConfig:
     #: build each training response from fields of its record: cota, thinking, or a format string
     #: such as "Answer: {answer}" (docs/decoders.md); null: the record's `response`
     response_template: str | None = None
+    #: shards only: samples held by the streaming shuffle buffer (their encoded bytes stay in memory)
+    shuffle_buffer: int = 1000
 
     def __post_init__(self) -> None:
+        _positive("shuffle_buffer", self.shuffle_buffer)
         if self.response_template is not None:
             from alm_kit.text.templates import template_fields
 

@@ -12,6 +12,7 @@ checkpointing.py, distributed.py, monitor.py, feature_cache.py, objectives.py.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -40,6 +41,7 @@ from alm_kit.config.loader import dump_recipe, origin_of, recipe_to_dict
 from alm_kit.config.schema import Recipe
 from alm_kit.data.batch import AudioTextDataset, collate
 from alm_kit.data.manifest import Example, check_audio_files, read_manifest
+from alm_kit.data.shards import ShardData, shard_paths
 from alm_kit.errors import AlmKitError
 from alm_kit.model import AudioLanguageModel, build_model
 from alm_kit.text.templates import apply_response_template
@@ -193,6 +195,21 @@ class Trainer:
         lengths = self._lengths(examples) if cfg.bucket_by_length else None
         return ManifestData(dataset, cfg.batch_size, seed=cfg.seed, rank=self.world.rank, world=self.world.size,
                             lengths=lengths, num_workers=cfg.num_workers)
+
+    def _shard_data(self, shards: list[str], valid: list[Example]) -> ShardData:
+        """Training batches streamed from this rank's WebDataset shards (alm_kit/data/shards.py)."""
+        recipe, cfg = self.recipe, self.recipe.training
+        if recipe.data.too_long == "reject":
+            raise ValueError("data.too_long: reject needs a manifest (shards are streamed, not checked ahead); "
+                             "use truncate")
+        data = ShardData(shards, self.model.audio_specs, cfg.batch_size, seed=cfg.seed, rank=self.world.rank,
+                         world=self.world.size, shuffle_buffer=recipe.data.shuffle_buffer,
+                         limit=recipe.data.max_train_examples, response_template=recipe.data.response_template,
+                         num_workers=cfg.num_workers)
+        # every rank encodes the clips of its own shards (a disk cache takes concurrent writers)
+        self.cache = data.cache = self._feature_cache(
+            itertools.chain(data.clips(), dict.fromkeys(p for e in valid for p in e.audio)))
+        return data
 
     def _lengths(self, examples: list[Example]) -> list[tuple[int, int]]:
         """Bucketing key of each example: (clips, prompt + response tokens as trained)."""
@@ -354,15 +371,17 @@ class Trainer:
                              "(and data.synth to generate the synthetic set there)")
         with self._main_first():
             ensure_training_data(recipe, self.progress)
-        examples, problems = load_examples(recipe, recipe.data.train, recipe.data.max_train_examples)
+        shards = shard_paths(recipe.data.train)  # None: a manifest
+        examples, problems = ([], []) if shards else load_examples(recipe, recipe.data.train,
+                                                                    recipe.data.max_train_examples)
         for problem in problems:
             self.log(f"skipped: {problem}")
         if problems:
             self.log(f"skipped {len(problems)} example(s) with bad audio (data.skip_bad_audio)")
-        if not examples:
+        if not examples and not shards:
             raise ValueError(f"{recipe.data.train}: no usable training examples")
         before = len(examples)
-        examples = self._apply_too_long(examples)
+        examples = examples if shards else self._apply_too_long(examples)
         valid = load_examples(recipe, recipe.data.valid, cfg.eval_max_items)[0] if recipe.data.valid else []
         with self._main_first():
             resume_from = self._checkpoint_to_resume()
@@ -370,7 +389,7 @@ class Trainer:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 (self.run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
 
-        data = self._training_data(examples, valid)
+        data = self._shard_data(shards, valid) if shards else self._training_data(examples, valid)
         state = self._restore_weights(resume_from) if resume_from else None
         if cfg.compile:
             self.model.decoder.compile()

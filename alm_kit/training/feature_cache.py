@@ -507,9 +507,21 @@ def cache_recipe(recipe, *, progress: bool = True, batch_size: int = 16) -> dict
 
 
 def training_clips(recipe) -> dict[str, tuple[Iterable[AudioSource], int | None]]:
-    """The clips training reads, by data set: ``{"train": (sources, how many or None)}``."""
+    """The clips training encodes, by data set: ``{"train": (sources, how many or None), "valid": ...}``."""
+    from alm_kit.data.shards import read_shard, shard_paths
     from alm_kit.training.engine import load_examples
 
-    examples, _ = load_examples(recipe, recipe.data.train, recipe.data.max_train_examples)
-    clips = list(dict.fromkeys(p for e in examples for p in e.audio))
-    return {"train": (clips, len(clips))}
+    out: dict[str, tuple[Iterable[AudioSource], int | None]] = {}
+    shards = shard_paths(recipe.data.train)
+    if shards:
+        out["train"] = ((clip for path in shards for e in read_shard(path, require_response=False)
+                         for clip in e.audio), None)
+    else:
+        examples, _ = load_examples(recipe, recipe.data.train, recipe.data.max_train_examples)
+        clips = list(dict.fromkeys(p for e in examples for p in e.audio))
+        out["train"] = (clips, len(clips))
+    if recipe.data.valid:
+        examples, _ = load_examples(recipe, recipe.data.valid, recipe.training.eval_max_items)
+        clips = list(dict.fromkeys(p for e in examples for p in e.audio))
+        out["valid"] = (clips, len(clips))
+    return out
