@@ -160,7 +160,12 @@ def sample_or_greedy(decoder: Decoder, inputs: DecoderInputs, params: Generation
     extra = params.max_new_tokens + (len(monitor.close_ids) if params.thinking_budget else 0)
     rows = _Rows(decoder, inputs, extra)
     chooser = TokenChooser(params, len(monitor.rows), rows.logits.shape[-1], rows.logits.device)
+    end_ids = torch.tensor(sorted(monitor.end_ids), device=rows.logits.device)
+    step = 0
     while True:
+        if step < params.min_new_tokens:
+            rows.logits[:, end_ids] = float("-inf")
+        step += 1
         tokens = chooser.choose(rows.logits)
         for j, row in enumerate(rows.index.tolist()):
             forced = monitor.forced_token(row)

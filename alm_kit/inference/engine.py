@@ -123,7 +123,18 @@ class InferenceEngine:
             raise GenerationError(f"bad generation settings: {exc}") from None
 
     # ------------------------------------------------------------------ preparation
-    def _prepare(self, requests: Sequence[Request]) -> tuple[list[int], list[list[int]], list[_Clip], list[str | None]]:
+    def _check_prompt(self, request: Request, where: str, params: GenerationConfig) -> None:
+        limit = context_length(self.model)
+        if not isinstance(request.prompt, str):
+            raise GenerationError(f"{where}: the prompt must be a string, got {type(request.prompt).__name__}")
+        if limit is None:
+            return
+        count = len(self.tokenizer.encode(request.prompt, add_special_tokens=False))
+        if count + params.max_new_tokens > limit:
+            raise GenerationError(f"{where}: the prompt is {count} tokens; with max_new_tokens "
+                                  f"{params.max_new_tokens} it does not fit the decoder's context of {limit}")
+
+    def _prepare(self, requests: Sequence[Request], params: GenerationConfig) -> tuple[list[int], list[list[int]], list[_Clip], list[str | None]]:
         """Decode every distinct clip once. Returns (good request indices, clip ids per good request,
         distinct clips, per-request error)."""
         specs = self.model.audio_specs
@@ -135,6 +146,7 @@ class InferenceEngine:
             where = f"example {request.id or i}"
             try:
                 _check_clip_count(self.model, request, where)
+                self._check_prompt(request, where, params)
                 ids = []
                 for j, audio in enumerate(request.audio):
                     wave, rate, key = _clip_source(audio, f"{where}, audio {j + 1}")
@@ -164,7 +176,7 @@ class InferenceEngine:
         """One batch: every request in one prefix and one decode loop."""
         model = self.model
         results = [Generation(id=r.id or str(i)) for i, r in enumerate(requests)]
-        good, refs, distinct, errors = self._prepare(requests)
+        good, refs, distinct, errors = self._prepare(requests, params)
         for i, error in enumerate(errors):
             results[i].error = error
         if not good:

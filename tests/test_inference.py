@@ -1,0 +1,258 @@
+"""The inference engine: batching equality, masks, sampling, beam search, stop strings, thinking budget,
+per-example errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from alm_kit.config.loader import recipe_from_dict
+from alm_kit.inference.engine import InferenceEngine, Request, make_batch
+from alm_kit.model import build_model
+from tests.conftest import tiny_recipe_dict, write_tone
+
+
+def _engine(layout: str = "prefix", **layout_params):
+    recipe = tiny_recipe_dict()
+    if layout == "placeholder":
+        recipe["model"]["layout"] = {"name": "placeholder", "params": layout_params}
+    elif layout_params:
+        recipe["model"]["layout"]["params"].update(layout_params)
+    recipe = recipe_from_dict(recipe)
+    model = build_model(recipe.model).eval()
+    return InferenceEngine(model, recipe.generation)
+
+
+def _requests(n: int = 5, seed: int = 0) -> list[Request]:
+    """Mixed clip counts, clip lengths and prompt lengths."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        clips = [(0.1 * rng.standard_normal(16000 * (1 + (i + j) % 3)).astype(np.float32), 16000)
+                 for j in range(1 + i % 2)]
+        out.append(Request(audio=clips, prompt="what is " + "this sound " * (3 * i), id=f"r{i}"))
+    return out
+
+
+def _hf_greedy(model, request: Request, new_tokens: int) -> list[int]:
+    """transformers' own generate on the same prefix: the reference for one example."""
+    inputs = model.decoder_inputs(make_batch(model, [request]), for_generation=True)
+    mask = inputs.attention_mask
+    if mask is None:
+        mask = torch.ones(inputs.inputs_embeds.shape[:2], dtype=torch.long)
+    ends = sorted({model.layout.end_token_id(), model.decoder.tokenizer.eos_token_id})
+    with torch.no_grad():
+        out = model.decoder.language_model.generate(inputs_embeds=inputs.inputs_embeds, attention_mask=mask,
+                                                    max_new_tokens=new_tokens, do_sample=False,
+                                                    eos_token_id=ends, pad_token_id=ends[0])
+    tokens = out[0].tolist()
+    return tokens[: next((i for i, t in enumerate(tokens) if t in ends), len(tokens))]
+
+
+@pytest.mark.parametrize("layout", ["prefix", "placeholder"])
+def test_batched_greedy_equals_one_at_a_time_and_transformers(layout):
+    engine = _engine(layout)
+    requests = _requests()
+    params = engine.params(max_new_tokens=10, batch_size=5)
+    batched = engine.run(requests, params)
+    assert all(g.ok for g in batched)
+    # the batch really mixed lengths: left padding was needed
+    inputs = engine.model.decoder_inputs(make_batch(engine.model, requests), for_generation=True)
+    assert (inputs.attention_mask == 0).any()
+    for request, together in zip(requests, batched):
+        alone = engine.run([request], params)[0]
+        assert together.tokens == alone.tokens
+        assert together.tokens == _hf_greedy(engine.model, request, 10)
+
+
+def test_mellow_compat_layout_without_mask_batches_rows_of_equal_length():
+    engine = _engine(prompt_length=12, attention_mask=False)
+    requests = _requests(4)
+    requests = [Request(audio=[r.audio[0]] * 2, prompt=r.prompt[:30], id=r.id) for r in requests]
+    params = engine.params(max_new_tokens=8)
+    batched = engine.run(requests, params)
+    for request, together in zip(requests, batched):
+        assert together.tokens == engine.run([request], params)[0].tokens
+        assert together.tokens == _hf_greedy(engine.model, request, 8)
+
+
+def test_a_clip_used_twice_in_a_batch_is_encoded_once(monkeypatch):
+    engine = _engine()
+    calls = []
+    original = engine.model.encode
+
+    def counting(waveforms, lengths):
+        calls.append({k: v.shape[0] for k, v in waveforms.items()})
+        return original(waveforms, lengths)
+
+    monkeypatch.setattr(engine.model, "encode", counting)
+    clip = (np.sin(np.arange(16000) / 10).astype(np.float32), 16000)
+    other = (np.cos(np.arange(16000) / 7).astype(np.float32), 16000)
+    engine.run([Request([clip, other], "a"), Request([clip], "b"), Request([other, clip], "c")],
+               engine.params(max_new_tokens=2))
+    assert calls == [{"htsat": 2}]  # one encoder call, two distinct clips
+
+
+def test_sampling_is_seeded_and_top_k_one_is_greedy():
+    engine = _engine()
+    requests = _requests(3)
+    greedy = engine.run(requests, engine.params(max_new_tokens=8))
+    top1 = engine.run(requests, engine.params(max_new_tokens=8, do_sample=True, top_k=1, temperature=0.7))
+    assert [g.tokens for g in greedy] == [g.tokens for g in top1]
+    hot = dict(max_new_tokens=12, do_sample=True, temperature=5.0, min_new_tokens=12)
+    first = engine.run(requests, engine.params(seed=1, **hot))
+    again = engine.run(requests, engine.params(seed=1, **hot))
+    other = engine.run(requests, engine.params(seed=2, **hot))
+    assert [g.tokens for g in first] == [g.tokens for g in again]
+    assert [g.tokens for g in first] != [g.tokens for g in other]
+    assert [g.tokens for g in first] != [g.tokens for g in greedy]
+
+
+def test_top_p_filter_keeps_the_smallest_set_reaching_p():
+    from alm_kit.config.schema import GenerationConfig
+    from alm_kit.inference.sampling import TokenChooser
+
+    chooser = TokenChooser(GenerationConfig(do_sample=True, top_p=0.7), 1, 4, torch.device("cpu"))
+    logits = torch.log(torch.tensor([[0.1, 0.5, 0.3, 0.1]]))
+    kept = torch.isfinite(chooser.filter(logits))[0].tolist()
+    assert kept == [False, True, True, False]  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7
+
+
+def test_repetition_penalty_changes_greedy_output_and_avoids_repeats():
+    engine = _engine()
+    requests = _requests(2)
+    plain = engine.run(requests, engine.params(max_new_tokens=16, min_new_tokens=16))
+    penalised = engine.run(requests, engine.params(max_new_tokens=16, min_new_tokens=16, repetition_penalty=50.0))
+    assert [g.tokens for g in plain] != [g.tokens for g in penalised]
+    for g in penalised:
+        assert len(set(g.tokens)) > len(g.tokens) * 0.8
+
+
+def test_beam_search_matches_transformers_and_one_beam_is_greedy():
+    engine = _engine("placeholder")
+    requests = _requests(3)
+    greedy = engine.run(requests, engine.params(max_new_tokens=8))
+    one_beam = engine.run(requests, engine.params(max_new_tokens=8, num_beams=1))
+    assert [g.tokens for g in greedy] == [g.tokens for g in one_beam]
+    beams = engine.run(requests, engine.params(max_new_tokens=8, num_beams=3, length_penalty=0.0))
+    model = engine.model
+    ends = sorted({model.layout.end_token_id(), model.decoder.tokenizer.eos_token_id})
+    for request, ours in zip(requests, beams):
+        inputs = model.decoder_inputs(make_batch(model, [request]), for_generation=True)
+        with torch.no_grad():
+            out = model.decoder.language_model.generate(
+                inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, max_new_tokens=8,
+                num_beams=3, length_penalty=0.0, early_stopping=True, do_sample=False,
+                eos_token_id=ends, pad_token_id=ends[0])
+        theirs = [t for t in out[0].tolist() if t not in ends]
+        assert ours.tokens == theirs
+
+
+def test_stop_strings_end_the_row_and_are_cut_from_the_text():
+    engine = _engine()
+    request = _requests(1)[0]
+    free = engine.run([request], engine.params(max_new_tokens=16, min_new_tokens=16))[0]
+    assert len(free.text) > 6
+    stop = free.text[3:6]  # a string the model will produce
+    stopped = engine.run([request], engine.params(max_new_tokens=16, stop=[stop]))[0]
+    assert stopped.finish_reason == "stop_string"
+    assert stop not in stopped.text
+    assert free.text.startswith(stopped.text)
+    assert len(stopped.tokens) < len(free.tokens)
+
+
+def _thinking_engine():
+    """A tiny decoder rigged to open a thought at once and never close it by itself."""
+    engine = _engine("placeholder")
+    tok = engine.tokenizer
+    open_id, close_id = tok.convert_tokens_to_ids(["<think>", "</think>"])
+    original = engine.model.decoder.logits
+    state = {"step": 0}
+
+    def rigged(hidden):
+        logits = original(hidden).clone()
+        state["step"] += 1
+        logits[..., close_id] = -1e4
+        logits[..., open_id] = 50.0 if state["step"] == 1 else -1e4
+        return logits
+
+    engine.model.decoder.logits = rigged
+    return engine, state, open_id, close_id
+
+
+def test_thinking_budget_closes_the_thought_and_the_answer_follows():
+    engine, state, open_id, close_id = _thinking_engine()
+    request = _requests(1)[0]
+    params = engine.params(max_new_tokens=30, min_new_tokens=30, thinking_budget=5, thinking_close="</think>")
+    result = engine.run([request], params)[0]
+    tokens = result.tokens
+    assert tokens[0] == open_id and tokens.index(close_id) == 6  # <think>, 5 thought tokens, </think>
+    assert result.budget_hit and len(tokens) == 30
+    assert result.thought == engine.tokenizer.decode(tokens[1:6], skip_special_tokens=True).strip()
+    assert result.answer == engine.tokenizer.decode(tokens[7:], skip_special_tokens=True).strip()
+    assert result.answer
+    # without a budget the thought never closes: everything is thought, no answer
+    state["step"] = 0
+    unbounded = engine.run([request], engine.params(max_new_tokens=30))[0]
+    assert close_id not in unbounded.tokens and unbounded.answer == "" and unbounded.thought
+    assert not unbounded.budget_hit
+
+
+def test_thinking_switch_reaches_the_chat_template():
+    engine = _engine("placeholder")
+    layout = engine.model.layout
+    tok = engine.tokenizer
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}<|im_start|>assistant\n"
+                         "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}")
+    on = layout.tokenize(["hi"], thinking=True).prompt_ids[0]
+    off = layout.tokenize(["hi"], thinking=False).prompt_ids[0]
+    close_id = tok.convert_tokens_to_ids("</think>")
+    assert close_id in off and close_id not in on
+
+
+def test_bad_examples_get_their_own_error_and_the_rest_completes(tmp_path):
+    engine = _engine()
+    good = _requests(2)
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"not audio at all")
+    bad = [
+        Request([str(tmp_path / "missing.wav")], "q", id="missing"),
+        Request([str(broken)], "q", id="unreadable"),
+        Request([(np.zeros(0, dtype=np.float32), 16000)], "q", id="empty"),
+        Request([(np.array([0.0, np.nan] * 100, dtype=np.float32), 16000)], "q", id="nan"),
+        Request([good[0].audio[0]] * 3, "q", id="three clips"),
+        Request([good[0].audio[0]], "word " * 5000, id="long prompt"),
+    ]
+    results = engine.run(bad[:3] + good + bad[3:], engine.params(max_new_tokens=4))
+    by_id = {r.id: r for r in results}
+    assert "not found" in by_id["missing"].error
+    assert "unreadable" in by_id["unreadable"].error or "broken.wav" in by_id["unreadable"].error
+    assert "empty" in by_id["empty"].error
+    assert "NaN" in by_id["nan"].error
+    assert "at most 2" in by_id["three clips"].error
+    assert "context" in by_id["long prompt"].error
+    for request in good:
+        assert by_id[request.id].ok
+        assert by_id[request.id].tokens == engine.run([request], engine.params(max_new_tokens=4))[0].tokens
+
+
+def test_unknown_generation_setting_is_named():
+    engine = _engine()
+    with pytest.raises(Exception, match="top_q"):
+        engine.params(top_q=0.5)
+    with pytest.raises(Exception, match="top_p"):
+        engine.params(top_p=1.5)
+
+
+def test_audio_from_file_array_and_tensor_give_the_same_answer(tmp_path):
+    engine = _engine()
+    path = write_tone(tmp_path / "a.wav", 800.0, 1.0)
+    import soundfile as sf
+
+    wave, rate = sf.read(path, dtype="float32")
+    params = engine.params(max_new_tokens=6)
+    outs = [engine.run([Request([audio], "what is it?")], params)[0].tokens
+            for audio in (path, (wave, rate), (torch.from_numpy(wave), rate))]
+    assert outs[0] == outs[1] == outs[2]
