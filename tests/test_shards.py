@@ -215,3 +215,45 @@ def test_data_shard_cli(many, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "wrote 20 examples" in out and "3 shard(s)" in out
     assert f"data.train: {tmp_path / 'out'}/train-{{000000..000002}}.tar" in out
+
+
+def test_cache_cli_reads_shards(tone_dataset, tmp_path, capsys):
+    import yaml
+
+    from alm_kit.cli import main
+
+    pattern = shard(tone_dataset, tmp_path / "shards", max_per_shard=3).pattern
+    data = tiny_recipe_dict()
+    data["data"] = {"train": pattern}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    assert main(["cache", str(recipe), f"training.cache_dir={tmp_path / 'cache'}", "--quiet"]) == 0
+    # 8 examples with 12 clip references, two distinct sounds (high and low tones)
+    assert "train: 2 clips: 0 hits, 2 misses" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun_read_their_own_shards(tone_dataset, tmp_path):
+    """2 gloo processes, 2 shards: each rank fills the shared disk cache from its own shard and the
+    ranks end with the same weights; with 1 shard for 2 ranks the run stops with a clear message."""
+    import torch
+    import yaml
+
+    from tests.test_distributed import WORKER, recipe_dict, torchrun
+
+    (tmp_path / "worker.py").write_text(WORKER)
+    for shards, name in ((2, "ok"), (1, "short")):
+        pattern = shard(tone_dataset, tmp_path / name, max_per_shard=8 // shards).pattern
+        data = recipe_dict(pattern, tmp_path / f"run-{name}", **{"training.cache_dir": str(tmp_path / "cache")})
+        data["data"]["train"] = pattern
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(yaml.safe_dump(data))
+        out = torchrun(str(tmp_path / "worker.py"), str(recipe), str(tmp_path), cwd=tmp_path)
+        if shards == 1:
+            assert out.returncode != 0 and "1 shard(s) for 2 ranks" in out.stderr
+            continue
+        assert out.returncode == 0, out.stderr[-3000:]
+        ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+        for key, tensor in ranks[0].items():
+            torch.testing.assert_close(ranks[1][key], tensor, rtol=0, atol=0, msg=key)
+        assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2  # the two sounds, once
