@@ -8,4 +8,13 @@ __version__ = "0.1.0"
 
 from alm_kit.registry.hookspecs import hookimpl  # noqa: E402  (pluggy only: cheap)
 
-__all__ = ["__version__", "hookimpl"]
+__all__ = ["ALM", "__version__", "hookimpl"]
+
+
+def __getattr__(name: str):
+    # `from alm_kit import ALM` without importing torch for everyone else
+    if name == "ALM":
+        from alm_kit.inference.api import ALM
+
+        return ALM
+    raise AttributeError(f"module 'alm_kit' has no attribute {name!r}")

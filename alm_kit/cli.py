@@ -62,19 +62,62 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generation_overrides(args: argparse.Namespace) -> dict:
+    """Generation settings given on the command line (unset ones keep the recipe's)."""
+    names = ("max_new_tokens", "temperature", "top_p", "top_k", "num_beams", "repetition_penalty", "seed",
+             "batch_size", "thinking", "thinking_budget")
+    out = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.do_sample:
+        out["do_sample"] = True
+    if args.stop:
+        out["stop"] = list(args.stop)
+    return out
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    import dataclasses
+    from alm_kit.inference.api import ALM
+    from alm_kit.inference.engine import GenerationError
 
-    from alm_kit.checkpoint import load_checkpoint
-    from alm_kit.inference.engine import Request, generate
-    from alm_kit.training.engine import resolve_device
+    if (args.input is None) == (args.prompt is None):
+        raise GenerationError("give either --audio/--prompt (one example) or --input FILE.jsonl --output OUT.jsonl")
+    if args.prompt is not None and not args.audio:
+        raise GenerationError("--prompt needs at least one --audio")
+    if args.input is not None and args.output is None:
+        raise GenerationError("--input needs --output (the JSONL file the answers go to)")
+    alm = ALM.from_pretrained(args.checkpoint, device=args.device)
+    params = alm.engine.params(**_generation_overrides(args))
+    if args.input is None:
+        result = alm.generate(args.audio, args.prompt, **vars(params))
+        if args.json:
+            print(json.dumps({"text": result.text, "answer": result.answer, "thought": result.thought,
+                              "finish_reason": result.finish_reason}, ensure_ascii=False))
+        else:
+            print(result.text)
+        return 0
+    from alm_kit.inference.files import generate_file
 
-    model, recipe = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
-    changes = {k: v for k, v in {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                                 "top_p": args.top_p, "do_sample": args.do_sample or None}.items() if v is not None}
-    gen = dataclasses.replace(recipe.generation, **changes)
-    print(generate(model, [Request(audio=args.audio, prompt=args.prompt)], gen)[0])
-    return 0
+    report = generate_file(alm.engine, args.input, args.output, params, progress=not args.quiet,
+                           retry_errors=args.retry_errors)
+    print(f"{report.output}: {report.answered} answered, {report.failed} failed, "
+          f"{report.skipped} already there (of {report.total})")
+    return 1 if report.failed else 0
+
+
+def add_generation_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation (default: the recipe's generation section)")
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--num-beams", type=int)
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
+                   help="thinking decoders (Qwen3): thinking on/off")
+    g.add_argument("--thinking-budget", type=int, help="most thought tokens before the thought is closed")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -205,15 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("generate", help="answer a prompt about one or more audio clips")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--audio", action="append", required=True, help="audio file (repeat for a second clip)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--do-sample", action="store_true")
+    p = sub.add_parser("generate", help="answer a prompt about audio clips, or a JSONL file of examples (resumable)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint or run directory, or a recipe .yaml")
+    p.add_argument("--audio", action="append", help="audio file (repeat for a second clip)")
+    p.add_argument("--prompt")
+    p.add_argument("--input", help="JSONL of {id, audio, prompt} (paths relative to the file)")
+    p.add_argument("--output", help="JSONL the answers are appended to; ids already there are skipped")
+    p.add_argument("--retry-errors", action="store_true", help="answer again the examples that failed before")
+    p.add_argument("--json", action="store_true", help="one example: print text, answer, thought as JSON")
     p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_generation_options(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="multiple-choice accuracy of a checkpoint on an MMAU-format file")

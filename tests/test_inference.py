@@ -256,3 +256,115 @@ def test_audio_from_file_array_and_tensor_give_the_same_answer(tmp_path):
     outs = [engine.run([Request([audio], "what is it?")], params)[0].tokens
             for audio in (path, (wave, rate), (torch.from_numpy(wave), rate))]
     assert outs[0] == outs[1] == outs[2]
+
+
+# ---------------------------------------------------------------- Python API, Mellow wrapper, CLI
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny Mellow-compatible model (fixed 12-token prompt, no mask) saved as a checkpoint."""
+    from alm_kit.checkpoint import save_checkpoint
+
+    recipe = tiny_recipe_dict()
+    recipe["model"]["layout"]["params"].update(prompt_length=12, attention_mask=False)
+    recipe["generation"] = {"max_new_tokens": 6, "batch_size": 4}
+    recipe = recipe_from_dict(recipe)
+    model = build_model(recipe.model).eval()
+    return save_checkpoint(model, recipe, tmp_path_factory.mktemp("ckpt") / "model")
+
+
+@pytest.fixture(scope="module")
+def tones(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("audio")
+    return [write_tone(folder / f"t{i}.wav", 300.0 * (i + 1), 1.0 + 0.25 * i) for i in range(4)]
+
+
+def test_alm_api_takes_paths_arrays_tensors_and_dicts(checkpoint, tones):
+    import soundfile as sf
+
+    from alm_kit import ALM
+
+    alm = ALM.from_pretrained(checkpoint, device="cpu")
+    wave, rate = sf.read(tones[1], dtype="float32")
+    one = alm.generate(audio=[tones[0], tones[1]], prompt="which is higher?")
+    assert one.ok and one.tokens
+    same = alm.generate(audio=[tones[0], {"array": torch.from_numpy(wave), "sampling_rate": rate}],
+                        prompt="which is higher?")
+    assert same.tokens == one.tokens
+    batch = alm.generate_batch([{"audio": [tones[0], (wave, rate)], "prompt": "which is higher?", "id": "x"},
+                                ([tones[2], tones[3]], "describe"), {"audio": [tones[0]]}, 42])
+    assert batch[0].id == "x" and batch[0].tokens == one.tokens
+    assert batch[1].ok and batch[1].tokens == alm.generate([tones[2], tones[3]], "describe").tokens
+    assert "missing prompt" in batch[2].error and "expected a dict" in batch[3].error
+    with pytest.raises(Exception, match="sample rate"):
+        alm.generate(audio=[wave], prompt="no rate")
+    assert alm.generate([tones[0], tones[1]], "which is higher?", max_new_tokens=2).tokens == one.tokens[:2]
+
+
+def test_mellow_wrapper_has_the_reference_call_shape_and_is_greedy(checkpoint, tones):
+    from alm_kit import ALM
+    from alm_kit.inference.mellow import MellowWrapper
+
+    with pytest.raises(FileNotFoundError, match="alm-kit import mellow"):
+        MellowWrapper(config="v0", model="v0", device="cpu", use_cuda=False)
+    with pytest.raises(ValueError, match="v0_s"):
+        MellowWrapper(model="v1", checkpoint=checkpoint)
+    mellow = MellowWrapper(config="v0", model="v0", device="cpu", use_cuda=False, checkpoint=checkpoint)
+    examples = [[tones[0], tones[1], "what is the primary sound event? a) dog b) tone"],
+                [tones[2], tones[3], "which is louder?"]]
+    answers = mellow.generate(examples=examples, max_len=5, top_p=0.8, temperature=1.0)
+    assert isinstance(answers, list) and len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    alm = ALM.from_pretrained(checkpoint, device="cpu")
+    for (a, b, prompt), answer in zip(examples, answers):
+        assert answer == alm.generate([a, b], prompt, max_new_tokens=5).text
+    # like the reference, top_p and temperature do not change greedy decoding
+    assert mellow.generate(examples=examples, max_len=5, top_p=0.1, temperature=3.0) == answers
+
+
+def test_generate_cli_answers_a_jsonl_file_and_resumes(checkpoint, tones, tmp_path, capsys):
+    import json
+
+    from alm_kit.cli import main
+
+    source = tmp_path / "in.jsonl"
+    rows = [{"id": f"q{i}", "audio": [tones[i % 4], tones[(i + 1) % 4]], "prompt": f"question {i}"} for i in range(5)]
+    rows.append({"id": "bad", "audio": str(tmp_path / "missing.wav"), "prompt": "?"})
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    # a first run that was interrupted after two answers (and a half-written line)
+    first = [{"id": "q0", "text": "kept", "error": None}, {"id": "q1", "text": "kept", "error": None}]
+    out.write_text("".join(json.dumps(r) + "\n" for r in first) + '{"id": "q2", "te')
+    code = main(["generate", "--checkpoint", str(checkpoint), "--input", str(source), "--output", str(out),
+                 "--quiet", "--max-new-tokens", "4", "--device", "cpu"])
+    assert code == 1  # one example failed
+    assert "3 answered, 1 failed, 2 already there" in capsys.readouterr().out
+    records = [json.loads(line) for line in out.read_text().splitlines()]  # the cut line is gone
+    by_id = {r["id"]: r for r in records}
+    assert len(records) == len(by_id) == 6
+    assert by_id["q0"]["text"] == "kept"  # not answered again
+    assert "not found" in by_id["bad"]["error"]
+    for i in (2, 3, 4):
+        assert by_id[f"q{i}"]["error"] is None and by_id[f"q{i}"]["finish_reason"] in ("stop", "length")
+    # a second run has nothing left to do; --retry-errors retries only the failed one
+    assert main(["generate", "--checkpoint", str(checkpoint), "--input", str(source), "--output", str(out),
+                 "--quiet", "--device", "cpu"]) == 0
+    assert "0 answered, 0 failed, 6 already there" in capsys.readouterr().out
+    main(["generate", "--checkpoint", str(checkpoint), "--input", str(source), "--output", str(out), "--quiet",
+          "--retry-errors", "--device", "cpu"])
+    assert "0 answered, 1 failed, 5 already there" in capsys.readouterr().out
+
+
+def test_generate_cli_one_example_prints_the_answer(checkpoint, tones, capsys):
+    import json
+
+    from alm_kit import ALM
+    from alm_kit.cli import main
+
+    assert main(["generate", "--checkpoint", str(checkpoint), "--audio", tones[0], "--audio", tones[1],
+                 "--prompt", "which?", "--json", "--device", "cpu", "--max-new-tokens", "3"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    expected = ALM.from_pretrained(checkpoint, device="cpu").generate([tones[0], tones[1]], "which?", max_new_tokens=3)
+    assert printed["text"] == expected.text
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "no audio"]) == 2
+    assert "--audio" in capsys.readouterr().err

@@ -1,0 +1,113 @@
+"""The Python API: ``ALM.from_pretrained(...)`` and ``alm.generate(audio=[...], prompt=...)``.
+
+    from alm_kit import ALM
+
+    alm = ALM.from_pretrained("runs/mellow/checkpoints/latest")      # or a recipe .yaml
+    out = alm.generate(audio=["a.wav", "b.wav"], prompt="which clip is louder?")
+    print(out.answer)
+    outs = alm.generate_batch([{"audio": ["a.wav"], "prompt": "..."}, (["c.flac"], "...")],
+                              max_new_tokens=128, do_sample=True, top_p=0.9)
+
+Audio may be a path, an :class:`~alm_kit.audio.io.AudioBlob` (encoded bytes), a
+``(waveform, sample_rate)`` pair with a numpy array or a torch tensor, or a dict
+``{"array": ..., "sampling_rate": ...}`` (the shape Hugging Face datasets use).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alm_kit.config.schema import Recipe
+from alm_kit.inference.engine import Generation, GenerationError, InferenceEngine, Request
+from alm_kit.model import AudioLanguageModel
+
+
+def _audio_item(item: Any, where: str):
+    if isinstance(item, Mapping):
+        if "array" not in item or "sampling_rate" not in item:
+            raise GenerationError(f"{where}: an audio dict needs 'array' and 'sampling_rate', got {sorted(item)}")
+        return item["array"], item["sampling_rate"]
+    if hasattr(item, "shape") and not isinstance(item, tuple):
+        raise GenerationError(f"{where}: a bare waveform has no sample rate; pass (waveform, sample_rate)")
+    return item
+
+
+def as_request(example: Any, index: int = 0) -> Request:
+    """A Request from a dict ``{"audio", "prompt", "id"?}``, an ``(audio, prompt)`` pair or a Request."""
+    if isinstance(example, Request):
+        return example
+    if isinstance(example, Mapping):
+        missing = [k for k in ("audio", "prompt") if k not in example]
+        if missing:
+            raise GenerationError(f"example {index}: missing {', '.join(missing)}")
+        audio, prompt, rid = example["audio"], example["prompt"], str(example.get("id", index))
+    elif isinstance(example, Sequence) and len(example) == 2:
+        (audio, prompt), rid = example, str(index)
+    else:
+        raise GenerationError(f"example {index}: expected a dict with 'audio' and 'prompt', an (audio, prompt) "
+                              f"pair or a Request, got {type(example).__name__}")
+    if isinstance(audio, (str, Path, Mapping)) or (isinstance(audio, tuple) and len(audio) == 2
+                                                     and isinstance(audio[1], int)):
+        audio = [audio]  # one clip given without a list
+    return Request(audio=[_audio_item(a, f"example {rid}") for a in audio], prompt=prompt, id=rid)
+
+
+class ALM:
+    """A loaded audio-language model with its generation defaults (the recipe's ``generation``)."""
+
+    def __init__(self, model: AudioLanguageModel, recipe: Recipe) -> None:
+        self.model = model
+        self.recipe = recipe
+        self.engine = InferenceEngine(model, recipe.generation)
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, *, device: str = "auto", overrides: Sequence[str] = ()) -> ALM:
+        """Load an alm-kit checkpoint directory, or build a recipe (.yaml) with its pretrained parts
+        (hub ids / local paths) and randomly initialised rest. ``overrides`` are ``key.path=value``
+        recipe overrides (recipes only)."""
+        from alm_kit.training.engine import resolve_device
+
+        source = Path(source)
+        target = resolve_device(device)
+        if source.is_dir():
+            from alm_kit.checkpoint import load_checkpoint
+
+            if overrides:
+                raise GenerationError("overrides apply to recipes; a checkpoint's recipe is fixed")
+            model, recipe = load_checkpoint(source, device=target)
+        elif source.suffix in (".yaml", ".yml") and source.exists():
+            from alm_kit.config import load_recipe
+            from alm_kit.model import build_model
+
+            recipe = load_recipe(source, list(overrides))
+            model = build_model(recipe.model).to(target).eval()
+        else:
+            raise FileNotFoundError(f"{source}: not an alm-kit checkpoint directory or a recipe .yaml file")
+        return cls(model, recipe)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def generate(self, audio: Any, prompt: str, **params: Any) -> Generation:
+        """Answer one prompt about one clip or a list of clips; raises GenerationError on bad input."""
+        result = self.engine.run([as_request({"audio": audio, "prompt": prompt})], self.engine.params(**params))[0]
+        if result.error:
+            raise GenerationError(result.error)
+        return result
+
+    def generate_batch(self, examples: Sequence[Any], *, progress: bool = False, **params: Any) -> list[Generation]:
+        """Answer many examples in batches; a bad example gets ``error`` set, the rest complete."""
+        settings = self.engine.params(**params)
+        requests, early = [], {}
+        for i, example in enumerate(examples):
+            try:
+                requests.append(as_request(example, i))
+            except GenerationError as exc:
+                early[i] = Generation(id=str(i), error=str(exc))
+        results = iter(self.engine.run(requests, settings, progress=progress))
+        return [early[i] if i in early else next(results) for i in range(len(examples))]
