@@ -103,6 +103,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from alm_kit.inference.api import ALM
+    from alm_kit.inference.server import ALMServer, ServerLimits
+
+    alm = ALM.from_pretrained(args.checkpoint, device=args.device)
+    limits = ServerLimits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_audio_seconds=args.max_audio_seconds,
+                          max_tokens=args.max_tokens, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
+    server = ALMServer(alm.engine, host=args.host, port=args.port, limits=limits,
+                       model_name=args.model_name or Path(args.checkpoint).resolve().name, verbose=not args.quiet)
+    print(f"serving {args.checkpoint} on {server.url} (POST /v1/chat/completions, GET /health); Ctrl-C stops")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def add_generation_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation (default: the recipe's generation section)")
     g.add_argument("--max-new-tokens", type=int)
@@ -121,16 +142,48 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from alm_kit.checkpoint import load_checkpoint
-    from alm_kit.evaluation.mcq import evaluate_file, format_table
+    import dataclasses
+    from pathlib import Path
+
+    from alm_kit.checkpoint import load_checkpoint, resolve_checkpoint
+    from alm_kit.errors import AlmKitError
+    from alm_kit.evaluation.formats import read_benchmark
+    from alm_kit.evaluation.runner import checkpoint_fingerprint, evaluate_benchmark
     from alm_kit.training.engine import resolve_device
 
-    model, recipe = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
-    result = evaluate_file(model, args.file, recipe.generation, limit=args.limit)
-    print(format_table(result["table"]))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    if args.plot:
+        from alm_kit.evaluation.plots import _pyplot
+
+        _pyplot()  # fail before the run, not after it
+    benchmark = read_benchmark(args.file, args.format, audio_root=args.audio_root)
+    directory = resolve_checkpoint(args.checkpoint)
+    model, recipe = load_checkpoint(directory, device=resolve_device(args.device))
+    changes = {"mcq_template": args.template, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
+    try:
+        gen = dataclasses.replace(recipe.generation, **{k: v for k, v in changes.items() if v is not None})
+    except ValueError as exc:
+        raise AlmKitError(f"bad generation setting: {exc}") from None
+    out = Path(args.out) if args.out else directory / "eval" / Path(args.file).stem
+    result = evaluate_benchmark(model, gen, benchmark, checkpoint=checkpoint_fingerprint(directory), out_dir=out,
+                                limit=args.limit, reuse=not args.fresh, progress=not args.quiet, plot=args.plot)
+    print(result.markdown)
+    if result.reused:
+        print(f"\n{result.reused} answer(s) reused from an earlier run with the same checkpoint and settings")
+    if result.failed:
+        print(f"\n{len(result.failed)} item(s) failed and count as wrong:", file=sys.stderr)
+        for failure in result.failed[:10]:
+            print(f"  {failure['id']}: {failure['error']}", file=sys.stderr)
+        if len(result.failed) > 10:
+            print(f"  ... all of them in {result.files['results']}", file=sys.stderr)
+    print("\n" + "\n".join(f"{name}: {path}" for name, path in result.files.items()))
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from alm_kit.importers import get_importer
+
+    out = get_importer(args.kind)(args.source, args.out_dir, recipe=args.recipe, overrides=args.overrides)
+    print(f"wrote {out} (load it with alm-kit generate/eval like any checkpoint)")
     return 0
 
 
@@ -261,13 +314,47 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_options(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("eval", help="multiple-choice accuracy of a checkpoint on an MMAU-format file")
-    p.add_argument("checkpoint")
-    p.add_argument("file")
-    p.add_argument("--limit", type=int)
-    p.add_argument("--out", help="write predictions and the table as JSON")
+    from alm_kit.evaluation.formats import FORMATS
+    from alm_kit.importers import IMPORTERS
+
+    p = sub.add_parser("serve", help="HTTP server: OpenAI-style chat completions with audio, batched")
+    p.add_argument("checkpoint", help="checkpoint or run directory, or a recipe .yaml")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--model-name", help="the model id the API reports (default: the checkpoint folder's name)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests answered together")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a request waits for company")
+    p.add_argument("--max-upload-mb", type=float, default=25.0)
+    p.add_argument("--max-audio-seconds", type=float, default=120.0)
+    p.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask for")
+    p.add_argument("--quiet", action="store_true", help="no request log")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("eval", help="multiple-choice accuracy of a checkpoint on a benchmark file "
+                                    "(MMAU, MMAR, MMSU, AIR-Bench, alm-kit MCQ JSONL)")
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
+    p.add_argument("file", help="the benchmark's file as published; audio paths are relative to it")
+    p.add_argument("--format", choices=list(FORMATS), help="default: detected from the first record")
+    p.add_argument("--out", help="output folder (default: CHECKPOINT/eval/<file stem>)")
+    p.add_argument("--plot", action="store_true", help="a bar chart PNG per grouping (needs matplotlib)")
+    p.add_argument("--limit", type=int, help="only the first N items")
+    p.add_argument("--template", help="generation.mcq_template: auto, mellow, chat or a template string")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--audio-root", help="folder the audio paths are relative to (default: the file's folder)")
+    p.add_argument("--fresh", action="store_true", help="ignore answers saved by an earlier run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("import", help="convert another project's checkpoint, e.g. alm-kit import mellow v0.ckpt OUT")
+    p.add_argument("kind", choices=sorted(IMPORTERS))
+    p.add_argument("source", help="the checkpoint file (e.g. Mellow's v0.ckpt or v0_s.ckpt)")
+    p.add_argument("out_dir")
+    p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. model.decoder.params.pretrained=/models/smollm2")
+    p.add_argument("--recipe", help="the recipe to build (default: recipes/mellow.yaml for mellow)")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("cache", help="encode a recipe's training clips with its frozen encoders into the "
                                      "disk feature cache ahead of training")
