@@ -368,3 +368,22 @@ def test_generate_cli_one_example_prints_the_answer(checkpoint, tones, capsys):
     assert printed["text"] == expected.text
     assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "no audio"]) == 2
     assert "--audio" in capsys.readouterr().err
+
+
+def test_text_only_generation_equals_transformers_on_the_plain_decoder():
+    engine = _engine("placeholder")
+    tok = engine.tokenizer
+    prompts = ["describe a dog", "what is the loudest sound in a city at night and why"]
+    params = engine.params(max_new_tokens=8, batch_size=2)
+    batched = engine.generate_text_batch(prompts, params)
+    lm = engine.model.decoder.language_model
+    ends = sorted({engine.model.layout.end_token_id(), tok.eos_token_id})
+    for prompt, ours in zip(prompts, batched):
+        assert ours.tokens == engine.generate_text_batch([prompt], params)[0].tokens
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+        ids = torch.tensor([tok.encode(text, add_special_tokens=False)])
+        with torch.no_grad():
+            out = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                              do_sample=False, eos_token_id=ends, pad_token_id=ends[0])[0, ids.shape[1]:].tolist()
+        assert ours.tokens == out[: next((i for i, t in enumerate(out) if t in ends), len(out))]

@@ -252,6 +252,49 @@ class InferenceEngine:
         result.finish_reason = row.finish_reason
         result.budget_hit = row.budget_hit
 
+    @torch.no_grad()
+    def generate_text_batch(self, prompts: Sequence[str], params: GenerationConfig, *,
+                            chat: bool = True, system: str | None = None) -> list[Generation]:
+        """The decoder alone as a text LLM (no audio): each prompt rendered with the tokenizer's chat
+        template (``params.thinking`` reaches templates that know it) or used as it is with ``chat=False``."""
+        from alm_kit.layouts.sequence import Piece, stack
+
+        tok = self.tokenizer
+        results = [Generation(id=str(i)) for i in range(len(prompts))]
+        ids = []
+        for prompt in prompts:
+            if chat and getattr(tok, "chat_template", None):
+                messages = ([{"role": "system", "content": system}] if system else []) + [
+                    {"role": "user", "content": prompt}]
+                extra = {} if params.thinking is None else {"enable_thinking": params.thinking}
+                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
+            else:
+                text = prompt
+            ids.append(tok.encode(text, add_special_tokens=False) or [tok.eos_token_id])
+        limit = context_length(self.model)
+        good = [i for i, t in enumerate(ids) if limit is None or len(t) + params.max_new_tokens <= limit]
+        for i in set(range(len(prompts))) - set(good):
+            results[i].error = (f"prompt {i}: {len(ids[i])} tokens; with max_new_tokens {params.max_new_tokens} "
+                                f"it does not fit the decoder's context of {limit}")
+        if not good:
+            return results
+        device = self.model.device
+        decoder = self.model.decoder
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                    else torch.autocast(device.type, enabled=False))
+        with autocast:
+            pieces = []
+            for i in good:
+                table = torch.tensor(ids[i], dtype=torch.long, device=device)
+                pieces.append([Piece(decoder.embed(table), torch.ones(len(table), dtype=torch.bool, device=device),
+                                     torch.full_like(table, -100))])
+            inputs = stack(pieces, left_pad=True)
+            monitor = RowMonitor(tok, params, end_token_ids(self.model.layout, tok), [ids[i] for i in good])
+            rows = decode(decoder, inputs, params, monitor)
+        for i, row in zip(good, rows):
+            self._finish(results[i], row, params)
+        return results
+
     def run(self, requests: Sequence[Request], params: GenerationConfig | None = None, *, progress: bool = False,
             on_batch: Callable[[list[Request], list[Generation]], None] | None = None) -> list[Generation]:
         """Every request, in batches of ``params.batch_size`` grouped by similar prompt length (less
