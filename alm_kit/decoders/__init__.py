@@ -8,5 +8,5 @@ def register_decoders(register):
     register(
         "causal_lm",
         "alm_kit.decoders.causal_lm:CausalLMDecoder",
-        description="any transformers causal LM (SmolLM2, Qwen3, ...): hub id, local folder, GGUF or a config",
+        description="any transformers causal LM (SmolLM2, Qwen3, ...): hub id, preset, local folder, GGUF or a config",
     )
