@@ -36,6 +36,11 @@ class PrefixLayout(Layout):
         attention_mask: bool = True
         #: end the answer with the tokenizer's EOS so that generation can stop
         append_eos: bool = True
+        #: text appended to every prompt before tokenizing (Mellow's training and evaluation code:
+        #: " <|endoftext|>"); counts towards prompt_length, so a long prompt loses it, as in the reference
+        prompt_suffix: str = ""
+        #: text appended to every answer before tokenizing (Mellow: " <|endoftext|>", with append_eos false)
+        response_suffix: str = ""
         #: learned audio start/end vectors (decoder width) around every clip's tokens (ALARM)
         audio_boundaries: bool = False
 
@@ -64,7 +69,8 @@ class PrefixLayout(Layout):
         cfg = self.config
         prompt_ids = []
         for prompt in prompts:
-            ids = tok.encode(prompt.lower() if cfg.lowercase else prompt, add_special_tokens=False)
+            text = (prompt.lower() if cfg.lowercase else prompt) + cfg.prompt_suffix
+            ids = tok.encode(text, add_special_tokens=False)
             if cfg.prompt_length is not None:
                 ids = ids[: cfg.prompt_length] + [self._pad_id()] * max(0, cfg.prompt_length - len(ids))
             else:
@@ -74,7 +80,8 @@ class PrefixLayout(Layout):
         if responses is not None:
             response_ids = []
             for response in responses:
-                ids = tok.encode(response.lower() if cfg.lowercase else response, add_special_tokens=False)
+                text = (response.lower() if cfg.lowercase else response) + cfg.response_suffix
+                ids = tok.encode(text, add_special_tokens=False)
                 response_ids.append(ids + ([tok.eos_token_id] if cfg.append_eos else []))
         return TextInputs(prompt_ids, response_ids)
 
