@@ -6,7 +6,6 @@ import io
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 
@@ -27,7 +26,7 @@ class AudioBlob:
 
 
 #: a clip of an example: a file on disk or the bytes of one
-AudioSource = Union[Path, AudioBlob]
+AudioSource = Path | AudioBlob
 
 
 def load_audio(path: str | Path | AudioBlob) -> tuple[np.ndarray, int]:
