@@ -207,3 +207,17 @@ def test_cache_cli_reports_hits_and_misses(tone_dataset, tmp_path, capsys):
     assert "2 clips: 0 hits, 2 misses" in capsys.readouterr().out  # 8 files, 2 distinct sounds
     assert main(["cache", str(recipe), cache_dir, "--quiet"]) == 0
     assert "2 clips: 2 hits, 0 misses" in capsys.readouterr().out
+
+
+def test_cache_cli_refuses_a_recipe_whose_encoder_trains(tone_dataset, tmp_path, capsys):
+    import yaml
+
+    from alm_kit.cli import main
+
+    data = tiny_recipe_dict()
+    data["model"]["encoders"][0]["train"] = "full"
+    data["data"] = {"train": str(tone_dataset)}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    assert main(["cache", str(recipe), "--quiet"]) == 2
+    assert "not every encoder is frozen" in capsys.readouterr().err

@@ -200,7 +200,7 @@ class Trainer:
         """Training batches streamed from this rank's WebDataset shards (alm_kit/data/shards.py)."""
         recipe, cfg = self.recipe, self.recipe.training
         if recipe.data.too_long == "reject":
-            raise ValueError("data.too_long: reject needs a manifest (shards are streamed, not checked ahead); "
+            raise TrainingError("data.too_long: reject needs a manifest (shards are streamed, not checked ahead); "
                              "use truncate")
         data = ShardData(shards, self.model.audio_specs, cfg.batch_size, seed=cfg.seed, rank=self.world.rank,
                          world=self.world.size, shuffle_buffer=recipe.data.shuffle_buffer,

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from alm_kit.audio.io import AudioBlob, AudioSource, load_audio, prepare_for_specs
+from alm_kit.errors import AlmKitError
 from alm_kit.interfaces import AudioFeatures
 
 #: bump when the stored layout or what a key covers changes: old entries become misses
@@ -460,7 +461,7 @@ def _unique(sources: Iterable[AudioSource]) -> Iterator[AudioSource]:
 def cache_mode(setting: str, encoders_frozen: bool) -> Literal["off", "memory", "disk"]:
     """``training.cache_features`` -> the store to use. auto: disk when every encoder is frozen."""
     if setting in ("memory", "disk") and not encoders_frozen:
-        raise ValueError(f"training.cache_features: {setting} needs every encoder frozen (train: frozen); "
+        raise AlmKitError(f"training.cache_features: {setting} needs every encoder frozen (train: frozen); "
                          "use auto or off")
     if setting == "auto":
         return "disk" if encoders_frozen else "off"
@@ -483,20 +484,22 @@ def random_crop_encoders(model) -> list[str]:
 
 
 def cache_recipe(recipe, *, progress: bool = True, batch_size: int = 16) -> dict[str, CacheReport]:
-    """``alm-kit cache``: build the disk cache for the recipe's training (and evaluation) clips."""
-    from alm_kit.config.loader import origin_of
-    from alm_kit.model import build_model
-    from alm_kit.training.engine import ensure_training_data, resolve_device
+    """``alm-kit cache``: build the disk cache for the recipe's training (and held-out) clips.
+
+    The model is built as training builds it (``Trainer``: seed, ``init_from``), so the encoder
+    keys are the ones training will look up.
+    """
+    from alm_kit.training.engine import Trainer, ensure_training_data
 
     training = recipe.training
     if not recipe.data.train:
-        raise ValueError("the recipe names no training data (data.train)")
-    model = build_model(recipe.model, origin=lambda key: origin_of(recipe, key), seed=training.seed)
+        raise AlmKitError("the recipe names no training data (data.train)")
+    trainer = Trainer(recipe, progress=progress)
+    model = trainer.model
     if cache_mode(training.cache_features, model.encoders_frozen) != "disk":
-        raise ValueError(f"nothing to cache ahead of time: training.cache_features is {training.cache_features}"
+        raise AlmKitError(f"nothing to cache ahead of time: training.cache_features is {training.cache_features}"
                          + ("" if model.encoders_frozen else " and not every encoder is frozen")
                          + "; the disk cache needs every encoder frozen and cache_features auto or disk")
-    model.to(resolve_device(training.device))
     ensure_training_data(recipe, progress)
     cache = open_cache(model, training)
     reports = {}
