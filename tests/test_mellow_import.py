@@ -19,7 +19,14 @@ import torch
 
 from alm_kit.errors import CheckpointError
 from tests.mellow_reference_format import (
-    ANSWERS, GEN_TOKENS, MELLOW_TINY_HTSAT, PROMPTS, clip_batch, reference_state_dict, tiny_overrides, toy_clips,
+    ANSWERS,
+    GEN_TOKENS,
+    MELLOW_TINY_HTSAT,
+    PROMPTS,
+    clip_batch,
+    reference_state_dict,
+    tiny_overrides,
+    toy_clips,
 )
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "mellow_golden.json").read_text())

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from alm_kit.config.schema import GenerationConfig
 from alm_kit.errors import AlmKitError
-from alm_kit.evaluation.formats import Benchmark, BenchItem, read_benchmark, write_annotated
+from alm_kit.evaluation.formats import BenchItem, Benchmark, read_benchmark, write_annotated
 from alm_kit.evaluation.prompts import mcq_prompt, resolve_template
 from alm_kit.evaluation.scoring import RULES, accuracy_table, format_table
 
