@@ -139,7 +139,10 @@ def _run_dir_of(checkpoint: Path) -> Path | None:
 
 
 def _groups(table: dict[str, Any]) -> dict[str, dict[str, float]]:
-    return {key: {name: row["accuracy"] for name, row in table[key].items()} for key in GROUP_KEYS if key in table}
+    """Accuracy per group value for the fields with several values (sub-category always)."""
+    groups = table.get("groups", {})
+    return {key: {name: row["accuracy"] for name, row in groups[key].items()} for key in GROUP_KEYS
+            if key in groups and (len(groups[key]) > 1 or key == "sub-category")}
 
 
 # --------------------------------------------------------------------------- one source
@@ -192,6 +195,9 @@ def compare(sources: list[str | Path], eval_file: str | Path | None = None, *, s
             trainer = Trainer(recipe, progress=progress, run_dir=run_dir)
             with PeakMemory(trainer.device) as memory:
                 result = trainer.fit()
+            if getattr(result, "interrupted", False):
+                raise AlmKitError(f"compare: training {name} was interrupted (its checkpoint is in {run_dir}); "
+                                  "stopped before the remaining models")
             model, checkpoint = trainer.model, Path(result.checkpoint)
             losses, speed = _training_curve(run_dir)
         if eval_file is None:
