@@ -139,10 +139,7 @@ def _run_dir_of(checkpoint: Path) -> Path | None:
 
 
 def _groups(table: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Accuracy per group value for the fields with several values (sub-category always)."""
-    groups = table.get("groups", {})
-    return {key: {name: row["accuracy"] for name, row in groups[key].items()} for key in GROUP_KEYS
-            if key in groups and (len(groups[key]) > 1 or key == "sub-category")}
+    return {key: {name: row["accuracy"] for name, row in table[key].items()} for key in GROUP_KEYS if key in table}
 
 
 # --------------------------------------------------------------------------- one source

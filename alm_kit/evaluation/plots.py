@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from alm_kit.errors import AlmKitError
+from alm_kit.evaluation.scoring import group_fields
 
 
 def _pyplot():
@@ -27,7 +28,8 @@ def plot_table(table: dict[str, Any], out_dir: str | Path, title: str = "") -> l
     out_dir.mkdir(parents=True, exist_ok=True)
     overall = 100 * table["overall"]["accuracy"]
     written = []
-    for name, rows in table.get("groups", {}).items():
+    for name in group_fields(table):
+        rows = table[name]
         labels = list(rows)
         values = [100 * rows[v]["accuracy"] for v in labels]
         fig, ax = plt.subplots(figsize=(7, 1.2 + 0.35 * len(labels)))

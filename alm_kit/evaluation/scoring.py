@@ -76,10 +76,11 @@ def accuracy_table(groups: Sequence[dict[str, str]], correct: Sequence[bool], fa
                    order: Sequence[str] = ()) -> dict[str, Any]:
     """Overall and per-group accuracy; failed items count as wrong (and are counted separately).
 
-    ``{"overall": row, "groups": {field: {value: row}}}``, a row being
-    ``{"correct", "total", "accuracy", "failed"}``; fields in ``order`` first, values sorted.
+    ``{"overall": row, field: {value: row}, ...}``, a row being ``{"correct", "total", "accuracy",
+    "failed"}``, for every grouping field with more than one value (``sub-category`` whenever
+    present); fields in ``order`` first, values sorted.
     """
-    table: dict[str, Any] = {"overall": _row(sum(correct), len(correct), sum(failed)), "groups": {}}
+    table: dict[str, Any] = {"overall": _row(sum(correct), len(correct), sum(failed))}
     fields = list(order) + sorted({k for g in groups for k in g} - set(order))
     for name in fields:
         counts: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
@@ -88,9 +89,14 @@ def accuracy_table(groups: Sequence[dict[str, str]], correct: Sequence[bool], fa
                 counts[g[name]][0] += int(ok)
                 counts[g[name]][1] += 1
                 counts[g[name]][2] += int(bad)
-        if counts:
-            table["groups"][name] = {v: _row(*counts[v]) for v in sorted(counts)}
+        if len(counts) > 1 or (name == "sub-category" and counts):
+            table[name] = {v: _row(*counts[v]) for v in sorted(counts)}
     return table
+
+
+def group_fields(table: dict[str, Any]) -> list[str]:
+    """The grouping fields of an accuracy table, in report order."""
+    return [k for k in table if k != "overall"]
 
 
 def format_table(table: dict[str, Any], title: str | None = None) -> str:
@@ -99,7 +105,8 @@ def format_table(table: dict[str, Any], title: str | None = None) -> str:
     failed = f", {row['failed']} failed" if row.get("failed") else ""
     lines = ([f"### {title}", ""] if title else []) + [
         f"**overall: {row['accuracy']:.2%}** ({row['correct']} / {row['total']}{failed})"]
-    for name, rows in table.get("groups", {}).items():
+    for name in group_fields(table):
+        rows = table[name]
         lines += ["", f"| {name} | accuracy | correct / total |", "|---|---:|---:|"]
         for value, r in rows.items():
             extra = f" ({r['failed']} failed)" if r.get("failed") else ""
