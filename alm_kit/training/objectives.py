@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from alm_kit.config.loader import origin_of
+from alm_kit.config.parse import ConfigError
 from alm_kit.config.schema import Recipe
 from alm_kit.data.batch import Batch
 from alm_kit.model import AudioLanguageModel, LossOutput
@@ -76,12 +78,13 @@ class ContrastiveAlignment(Objective):
 
         cfg = recipe.training.align
         if model.config.decoder.train != "frozen":
-            raise ValueError("training.objective: align uses the decoder's token embeddings as the text side and "
-                             "never updates the decoder: set model.decoder.train: frozen (and train it in the "
-                             "next stage, e.g. a recipe that extends this one)")
+            raise ConfigError("training.objective: align uses the decoder's token embeddings as the text side and "
+                              "never updates the decoder: set model.decoder.train: frozen (and train it in the "
+                              "next stage, e.g. a recipe that extends this one)", key="model.decoder.train",
+                              source=origin_of(recipe, "model.decoder.train"))
         if recipe.training.batch_size < 2:
-            raise ValueError("training.objective: align contrasts the examples of a batch: training.batch_size "
-                             "must be >= 2")
+            raise ConfigError("training.objective: align contrasts the examples of a batch: training.batch_size "
+                              "must be >= 2", key="training.batch_size", source=origin_of(recipe, "training.batch_size"))
         d = model.decoder.hidden_size
         self.text_head = nn.Linear(d, d)
         with torch.no_grad():
@@ -139,6 +142,7 @@ class ContrastiveAlignment(Objective):
 def build_objective(model: AudioLanguageModel, recipe: Recipe, *, world_size: int = 1) -> Objective:
     if recipe.training.objective == "align":
         if world_size > 1:
-            raise ValueError("training.objective: align runs on one process (not under torchrun) for now")
+            raise ConfigError("training.objective: align runs on one process (not under torchrun) for now",
+                              key="training.objective", source=origin_of(recipe, "training.objective"))
         return ContrastiveAlignment(model, recipe)
     return LanguageModeling()
