@@ -21,6 +21,7 @@ Measured per model:
 from __future__ import annotations
 
 import csv
+import gc
 import io
 import json
 import shutil
@@ -212,6 +213,8 @@ def compare(sources: list[str | Path], eval_file: str | Path | None = None, *, s
         (out_dir / "runs" / name).mkdir(parents=True, exist_ok=True)
         (out_dir / "runs" / name / "compare_eval.json").write_text(json.dumps(evaluation, indent=2))
         del model
+        trainer = None  # the next run's peak memory must not include this model
+        gc.collect()
     write_outputs(results, out_dir, eval_file, plot=plot)
     return results
 
