@@ -55,6 +55,7 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_compare_writes_table_csv_and_plot(compared, capsys):
     root, recipes, out = compared
     rows = read_csv(out / "compare.csv")
@@ -91,6 +92,7 @@ def test_compare_writes_table_csv_and_plot(compared, capsys):
         assert not (out / "compare.png").exists()
 
 
+@pytest.mark.slow
 def test_compare_reuses_an_existing_run(compared, tmp_path):
     root, _, out = compared
     first = read_csv(out / "compare.csv")[0]

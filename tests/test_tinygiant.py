@@ -81,6 +81,7 @@ def test_ablations_change_only_what_they_ablate(name):
         assert ablation[f"model.projector.params.{key}"] is value
 
 
+@pytest.mark.slow
 def test_tiny_tinygiant_trains_and_generates(tmp_path):
     from alm_kit.checkpoint import load_checkpoint
     from alm_kit.evaluation.mcq import read_mcq
