@@ -108,7 +108,8 @@ class AudioLanguageModel(nn.Module):
 
     @property
     def encoders_frozen(self) -> bool:
-        return all(spec.train == "frozen" for spec in self.config.encoders)
+        """Every encoder frozen, none with ``trainable`` parameters: its features never change."""
+        return all(spec.train == "frozen" and not spec.trainable for spec in self.config.encoders)
 
     @property
     def device(self) -> torch.device:
@@ -190,8 +191,9 @@ class AudioLanguageModel(nn.Module):
 
 
 def apply_train_modes(model: AudioLanguageModel) -> None:
-    """Set requires_grad from each component's ``train`` mode; inject LoRA adapters where asked."""
-    for module, spec in model.components().values():
+    """Set requires_grad from each component's ``train`` mode (and ``trainable``); inject LoRA adapters where asked."""
+    keys = {id(spec): f"model.encoders.{i}" for i, spec in enumerate(model.config.encoders)}
+    for path, (module, spec) in model.components().items():
         if spec.train == "lora":
             from peft import LoraConfig as PeftLoraConfig
             from peft import inject_adapter_in_model
@@ -208,7 +210,24 @@ def apply_train_modes(model: AudioLanguageModel) -> None:
                 param.requires_grad_("lora_" in name)
         else:
             module.requires_grad_(spec.train == "full")
+        if spec.trainable:
+            _unfreeze(module, spec.trainable, keys.get(id(spec), f"model.{path}"))
     model.train(model.training)
+
+
+def _unfreeze(module: nn.Module, patterns: list[str], key: str) -> None:
+    """``trainable``: parameters matching any glob pattern train, whatever the component's mode."""
+    from fnmatch import fnmatchcase
+
+    params = dict(module.named_parameters())
+    for pattern in patterns:
+        hits = [p for n, p in params.items() if fnmatchcase(n, pattern)]
+        if not hits:
+            some = ", ".join(list(params)[:8]) + (", ..." if len(params) > 8 else "")
+            raise ConfigError(f"'{pattern}' matches no parameter of this component (it has: {some or 'none'})",
+                              key=f"{key}.trainable")
+        for param in hits:
+            param.requires_grad_(True)
 
 
 def build_model(config: ModelConfig, *, registry: Registry | None = None, origin=None,

@@ -34,6 +34,9 @@ class ComponentConfig:
     lora: LoraConfig | None = None
     #: encoders only: the stream's id (default: the name); must be unique
     id: str | None = None
+    #: parameter names (glob patterns, relative to the component) that train whatever ``train`` says,
+    #: e.g. a frozen Whisper's ``layer_weights`` (ALARM's learned layer mix)
+    trainable: list[str] | None = None
 
 
 @dataclass

@@ -89,7 +89,8 @@ def wrap(model: nn.Module, world: World) -> nn.Module:
                 from None
         # frozen encoders (and fusion) stay whole on every rank: nothing to synchronise, no gathering
         ignored = {p for path, (module, spec) in model.components().items()
-                   if spec.train == "frozen" and path != "decoder" for p in module.parameters()}
+                   if spec.train == "frozen" and path != "decoder" for p in module.parameters()
+                   if not p.requires_grad}  # `trainable` parameters of a frozen component are sharded
         for param in model.parameters():
             if param not in ignored and not param.is_contiguous():
                 param.data = param.data.contiguous()  # fully_shard refuses strided parameters

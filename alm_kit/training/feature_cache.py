@@ -461,8 +461,8 @@ def _unique(sources: Iterable[AudioSource]) -> Iterator[AudioSource]:
 def cache_mode(setting: str, encoders_frozen: bool) -> Literal["off", "memory", "disk"]:
     """``training.cache_features`` -> the store to use. auto: disk when every encoder is frozen."""
     if setting in ("memory", "disk") and not encoders_frozen:
-        raise AlmKitError(f"training.cache_features: {setting} needs every encoder frozen (train: frozen); "
-                         "use auto or off")
+        raise AlmKitError(f"training.cache_features: {setting} needs every encoder frozen (train: frozen, "
+                         "no trainable parameters); use auto or off")
     if setting == "auto":
         return "disk" if encoders_frozen else "off"
     return setting  # type: ignore[return-value]
