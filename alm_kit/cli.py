@@ -103,6 +103,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def cmd_rephrase(args: argparse.Namespace) -> int:
+    from alm_kit.data.rephrase import load_text_engine, rephrase_file
+
+    engine, recipe = load_text_engine(args.source, device=args.device, overrides=args.overrides)
+    params = engine.params(batch_size=args.batch_size, thinking=args.thinking, thinking_budget=args.thinking_budget)
+    report = rephrase_file(engine, recipe, args.input, args.output, params, limit=args.limit, retry=args.retry,
+                           progress=not args.quiet)
+    print(report.summary())
+    return 1 if report.failed else 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -316,6 +327,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     from alm_kit.evaluation.formats import FORMATS
     from alm_kit.importers import IMPORTERS
+
+    p = sub.add_parser("rephrase", help="ALARM self-rephrasing: the recipe's decoder answers from each example's "
+                                        "text description, then rewrites the answer as if it had heard the audio")
+    p.add_argument("source", metavar="RECIPE_OR_CHECKPOINT", help="a recipe .yaml (its decoder only) or a checkpoint")
+    p.add_argument("--in", dest="input", required=True, help="JSONL with id, audio, prompt, description")
+    p.add_argument("--out", dest="output", required=True,
+                   help="training manifest written (appended; ids already there or in OUT.rejected.jsonl are skipped)")
+    p.add_argument("--batch-size", type=int, help="examples generated together (default: generation.batch_size)")
+    p.add_argument("--limit", type=int, help="only the first N examples of the input")
+    p.add_argument("--retry", action="store_true", help="run the rejected examples (errors, filtered) again")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="recipe override, e.g. generation.temperature=0.7 (repeatable; recipes only)")
+    p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
+                   help="thinking on/off (default: generation.thinking)")
+    p.add_argument("--thinking-budget", type=int, help="most thought tokens (default: generation.thinking_budget)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_rephrase)
 
     p = sub.add_parser("serve", help="HTTP server: OpenAI-style chat completions with audio, batched")
     p.add_argument("checkpoint", help="checkpoint or run directory, or a recipe .yaml")

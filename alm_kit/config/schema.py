@@ -227,6 +227,30 @@ class GenerationConfig:
 
 
 @dataclass
+class RephraseConfig:
+    """ALARM's self-rephrasing (``alm-kit rephrase``, docs/alarm.md). The three files are relative to
+    the recipe file that names them (to the current directory when set on the command line or read
+    from a checkpoint)."""
+
+    #: step 1, the decoder answers from the text description: a template with {description} and {prompt}
+    answer_prompt: str
+    #: step 2, the answer rewritten as if heard: a template with {response} (reasoning + answer) or
+    #: {answer}; {thought}, {prompt} and {description} may be used too
+    rewrite_prompt: str
+    #: regular expressions, one per line (# comments): a rewrite that matches one is dropped
+    filter: str | None = None
+    #: most new tokens of each step, the thought included
+    answer_max_new_tokens: int = 2048
+    rewrite_max_new_tokens: int = 4096
+    #: thinking in the rewrite step; null: as in the answer step (generation.thinking)
+    rewrite_thinking: bool | None = None
+
+    def __post_init__(self) -> None:
+        _positive("answer_max_new_tokens", self.answer_max_new_tokens)
+        _positive("rewrite_max_new_tokens", self.rewrite_max_new_tokens)
+
+
+@dataclass
 class Recipe:
     name: str
     model: ModelConfig
@@ -234,6 +258,8 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    #: ALARM-style self-rephrasing of a described data set (alm-kit rephrase)
+    rephrase: RephraseConfig | None = None
 
     @property
     def output_dir(self) -> str:

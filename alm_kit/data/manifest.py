@@ -3,6 +3,9 @@
 Format (docs/data.md), one JSON object per line, paths relative to the manifest's folder::
 
     {"audio": "a.wav" | ["a.wav", "b.wav"], "prompt": "...", "response": "...", "id": "optional"}
+
+Any other field is kept in ``Example.meta``; ``description`` (the audio described in text, for
+``alm-kit rephrase``) is read by :func:`description_of`.
 """
 
 from __future__ import annotations
@@ -121,6 +124,36 @@ def _from_reasonaqa(record: dict, root: Path, where: str, number: int) -> Exampl
         source=where,
         meta={k: record[k] for k in ("taskname", "subtype", "caption1", "caption2") if k in record},
     )
+
+
+def description_of(example: Example) -> str | None:
+    """The text description of an example's audio (``alm-kit rephrase`` answers from it), or None.
+
+    The record's ``description``: a string; a list of strings (one per line, e.g. several
+    captions); or a mapping of named facts (``{"emotion": "happy", "speaker": "male, 66"}``, one
+    ``name: value`` line each). Without one, Mellow's ``caption1`` / ``caption2`` are used
+    (``Clip 1: ...`` / ``Clip 2: ...`` when the example has two clips).
+    """
+    value = example.meta.get("description")
+    where = example.source or f"example {example.id}"
+    if value is None:
+        captions = [example.meta.get(k) for k in ("caption1", "caption2")[: len(example.audio)]]
+        captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+        if not captions:
+            return None
+        if len(captions) == 1:
+            return captions[0]
+        return "\n".join(f"Clip {i}: {c}" for i, c in enumerate(captions, 1))
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        text = "\n".join(v.strip() for v in value)
+    elif isinstance(value, dict) and all(isinstance(v, (str, int, float, bool)) for v in value.values()):
+        text = "\n".join(f"{k}: {v}" for k, v in value.items())
+    else:
+        raise ManifestError(f"{where}: field 'description' must be a string, a list of strings or a mapping of "
+                            f"names to plain values, got {type(value).__name__}")
+    return text.strip() or None
 
 
 def check_audio_files(examples: list[Example], *, skip_bad: bool) -> tuple[list[Example], list[str]]:
