@@ -203,9 +203,17 @@ def test_a_tiny_recipe_trains_from_shards_and_resumes_exactly(tone_dataset, tmp_
     assert first.interrupted and first.steps == 3
     second = train(shard_recipe(pattern, tmp_path / "split"), progress=False, resume=True)
     assert first.losses + second.losses == pytest.approx(whole.losses, abs=1e-6, rel=0)
-    # the feature cache (auto: on disk, frozen encoder) gives the losses of encoding every step
-    plain = train(shard_recipe(pattern, tmp_path / "plain", **{"training.cache_features": "off"}), progress=False)
-    assert plain.losses == pytest.approx(whole.losses, rel=1e-4)
+
+
+def test_training_from_shards_with_and_without_the_feature_cache(tone_dataset, tmp_path):
+    from alm_kit.training.engine import train
+
+    pattern = shard(tone_dataset, tmp_path / "shards", max_per_shard=3).pattern
+    short = {"training.max_steps": 3}
+    cached = train(shard_recipe(pattern, tmp_path / "cached", **short), progress=False)  # auto: disk
+    plain = train(shard_recipe(pattern, tmp_path / "plain", **short, **{"training.cache_features": "off"}),
+                  progress=False)
+    assert plain.losses == pytest.approx(cached.losses, rel=1e-4)
 
 
 def test_data_shard_cli(many, tmp_path, capsys):
