@@ -9,16 +9,17 @@
 
 Each figure covers everything from waveforms to tokens (audio encoding, prefix, decoding).
 All three are greedy with end tokens suppressed, so every row makes the same number of
-tokens; the script checks that the tokens agree and prints tokens/s, the ratios and the
-peak resident memory during each method next to the size of the weights.
+tokens; the script checks that the tokens agree and prints tokens/s, the ratios, and the
+peak resident memory of each method (each in a fresh process) next to the size of the weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -33,31 +34,6 @@ SMOLLM2_135M = {  # HuggingFaceTB/SmolLM2-135M's config
     "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True,
     "max_position_embeddings": 8192, "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
 }
-
-
-class PeakRSS:
-    """Highest resident set size while the block runs (polls /proc every 5 ms)."""
-
-    def __enter__(self):
-        self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self._rss())
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
 
 
 def build_mellow():
@@ -103,8 +79,10 @@ def prefix_reference_way(model, reqs):
         a, b = feats[0][name], feats[1][name]
         cat = lambda x, y: None if x is None else torch.cat([x, y])[order]  # noqa: E731
         joined[name] = AudioFeatures(cat(a.frames, b.frames), cat(a.mask, b.mask), cat(a.pooled, b.pooled))
-    batch = make_batch(model, reqs)
-    batch.waveforms, batch.features = None, joined
+    from alm_kit.data.batch import Batch
+
+    batch = Batch(ids=[r.id for r in reqs], prompts=[r.prompt for r in reqs], responses=None,
+                  clips_per_example=[2] * len(reqs), clip_keys=[], features=joined)
     return model.decoder_inputs(batch, for_generation=True)
 
 
@@ -139,13 +117,51 @@ def method_engine(engine, reqs, new_tokens):
     return [g.tokens for g in engine.run(reqs, params)]
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def memory_of_one_method(args) -> None:
+    """Child process: build the model, run one method, print RSS before the model, after it, and the peak."""
+    torch.set_num_threads(args.threads)
+    from alm_kit.inference.engine import InferenceEngine
+
+    before = _status_kib("VmRSS")
+    model, recipe, _ = build_mellow()
+    reqs = requests(args.batch)
+    loaded = _status_kib("VmRSS")
+    with torch.no_grad():
+        if args.only == "a":
+            method_reference(model, reqs, args.ref_tokens)
+        elif args.only == "b":
+            method_hf(model, reqs, args.new_tokens)
+        else:
+            method_engine(InferenceEngine(model, recipe.generation), reqs, args.new_tokens)
+    print(json.dumps({"before_model": before, "loaded": loaded, "peak": _status_kib("VmHWM")}))
+
+
+def peak_memory(args, method: str) -> dict:
+    """Peak resident memory of one method, each in a fresh process (the allocator keeps what earlier
+    methods freed, so one process cannot tell the methods apart)."""
+    command = [sys.executable, __file__, "--only", method, "--batch", str(args.batch), "--new-tokens",
+               str(args.new_tokens), "--ref-tokens", str(args.ref_tokens), "--threads", str(args.threads)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--ref-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-method peak memory runs")
+    parser.add_argument("--only", choices=["a", "b", "c"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.only:
+        memory_of_one_method(args)
+        return
     torch.set_num_threads(args.threads)
 
     from alm_kit.inference.engine import InferenceEngine
@@ -167,20 +183,26 @@ def main() -> None:
                                args.new_tokens),
                               ("(c) alm-kit engine", lambda: method_engine(engine, reqs, args.new_tokens),
                                args.new_tokens)):
-            with PeakRSS() as mem:
-                start = time.perf_counter()
-                outputs[label[:3]] = run()
-                seconds = time.perf_counter() - start
-            rows.append((label, n, seconds, args.batch * n / seconds, mem.peak))
+            start = time.perf_counter()
+            outputs[label[:3]] = run()
+            seconds = time.perf_counter() - start
+            rows.append((label, n, seconds, args.batch * n / seconds))
     a, b, c = outputs["(a)"], outputs["(b)"], outputs["(c)"]
     agree_bc = sum(x == y for x, y in zip(b, c))
     agree_ac = sum(x[: args.ref_tokens] == y[: args.ref_tokens] for x, y in zip(a, c))
-    print(f"\n{'method':<30} {'new tok':>8} {'seconds':>8} {'tok/s':>8} {'peak RSS MiB':>13}")
-    for label, n, seconds, rate, peak in rows:
-        print(f"{label:<30} {n:>8} {seconds:>8.2f} {rate:>8.1f} {peak / 2**20:>13.0f}")
+    print(f"\n{'method':<30} {'new tok':>8} {'seconds':>8} {'tok/s':>8}")
+    for label, n, seconds, rate in rows:
+        print(f"{label:<30} {n:>8} {seconds:>8.2f} {rate:>8.1f}")
     rate = {r[0][:3]: r[3] for r in rows}
     print(f"\n(c)/(b) = {rate['(c)'] / rate['(b)']:.2f}x (target >= 1.3x)    (c)/(a) = {rate['(c)'] / rate['(a)']:.1f}x")
-    print(f"peak RSS of (c) = {rows[2][4] / weights:.2f} x the weights (target <= 2)")
+    if not args.no_memory:
+        print(f"\npeak memory, each method in a fresh process (MiB; 'model + run' = peak RSS minus the RSS "
+              f"before the model was built; weights {weights / 2**20:.0f} MiB):")
+        for method in "abc":
+            m = peak_memory(args, method)
+            used = (m["peak"] - m["before_model"]) * 1024
+            print(f"  ({method}) peak RSS {m['peak'] / 1024:>6.0f}   model + run {used / 2**20:>6.0f} "
+                  f"= {used / weights:.2f} x the weights" + ("  (target <= 2)" if method == "c" else ""))
     print(f"greedy tokens agree: (b) vs (c) {agree_bc}/{len(b)} rows, (a) vs (c) first {args.ref_tokens} tokens "
           f"{agree_ac}/{len(a)} rows")
 

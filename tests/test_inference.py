@@ -387,3 +387,15 @@ def test_text_only_generation_equals_transformers_on_the_plain_decoder():
             out = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
                               do_sample=False, eos_token_id=ends, pad_token_id=ends[0])[0, ids.shape[1]:].tolist()
         assert ours.tokens == out[: next((i for i, t in enumerate(out) if t in ends), len(out))]
+
+
+@pytest.mark.parametrize("layout", ["prefix", "placeholder"])
+def test_without_kv_cache_the_tokens_are_the_same(layout):
+    """use_cache: false re-runs the whole sequence per token (the reference Mellow way)."""
+    engine = _engine(layout)
+    requests = _requests(4)
+    cached = engine.run(requests, engine.params(max_new_tokens=6, batch_size=4))
+    uncached = engine.run(requests, engine.params(max_new_tokens=6, batch_size=4, use_cache=False))
+    assert [g.tokens for g in cached] == [g.tokens for g in uncached]
+    with pytest.raises(Exception, match="use_cache"):
+        engine.params(num_beams=2, use_cache=False)

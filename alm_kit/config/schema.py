@@ -186,6 +186,9 @@ class GenerationConfig:
     max_new_tokens: int = 64
     #: end tokens are not allowed before this many new tokens
     min_new_tokens: int = 0
+    #: reuse keys/values of earlier positions (false: re-run the whole sequence for every token, as the
+    #: reference Mellow code does; same tokens, much slower)
+    use_cache: bool = True
     #: greedy (false) or sampling with temperature / top_p / top_k (0: off)
     do_sample: bool = False
     temperature: float = 1.0
@@ -217,6 +220,8 @@ class GenerationConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if self.num_beams > 1 and not self.use_cache:
+            raise ValueError("beam search needs use_cache: true")
         if self.num_beams > 1 and self.do_sample:
             raise ValueError("num_beams > 1 is beam search; it cannot be combined with do_sample")
         if self.num_beams > 1 and self.thinking_budget is not None:

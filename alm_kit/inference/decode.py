@@ -121,8 +121,9 @@ def _cache_for(decoder: Decoder, capacity: int):
 class _Rows:
     """The decoder-side state of the rows still running: cache, mask, next position."""
 
-    def __init__(self, decoder: Decoder, inputs: DecoderInputs, extra: int) -> None:
+    def __init__(self, decoder: Decoder, inputs: DecoderInputs, extra: int, use_cache: bool = True) -> None:
         self.decoder = decoder
+        self.use_cache = use_cache
         embeds = inputs.inputs_embeds
         b, length = embeds.shape[:2]
         self.mask = inputs.attention_mask
@@ -131,9 +132,12 @@ class _Rows:
         positions = inputs.position_ids
         if positions is None:
             positions = torch.arange(length, device=embeds.device).expand(b, length)
-        self.cache = _cache_for(decoder, length + extra)
-        hidden, cache = decoder(embeds, self.mask, positions, past_key_values=self.cache, use_cache=True)
-        self.cache = cache
+        if not use_cache:  # everything so far is re-run at every step
+            self.embeds, self.positions, self.cache = embeds, positions, None
+            hidden, _ = decoder(embeds, self.mask, positions)
+        else:
+            self.cache = _cache_for(decoder, length + extra)
+            hidden, self.cache = decoder(embeds, self.mask, positions, past_key_values=self.cache, use_cache=True)
         self.logits = decoder.logits(hidden[:, -1]).float()
         self.index = torch.arange(b, device=embeds.device)  # original row of each running row
 
@@ -141,13 +145,23 @@ class _Rows:
         embeds = self.decoder.embed(tokens[:, None])
         if self.mask is not None:
             self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)
-        hidden, self.cache = self.decoder(embeds, self.mask, self.position[:, None], past_key_values=self.cache,
-                                          use_cache=True)
+        if not self.use_cache:
+            self.embeds = torch.cat([self.embeds, embeds.to(self.embeds.dtype)], dim=1)
+            self.positions = torch.cat([self.positions, self.position[:, None]], dim=1)
+            hidden, _ = self.decoder(self.embeds, self.mask, self.positions)
+        else:
+            hidden, self.cache = self.decoder(embeds, self.mask, self.position[:, None],
+                                              past_key_values=self.cache, use_cache=True)
         self.position = self.position + 1
         self.logits = self.decoder.logits(hidden[:, -1]).float()
 
     def keep(self, keep: Tensor) -> None:
-        select_rows(self.cache, keep) if hasattr(self.cache, "layers") else self.cache.batch_select_indices(keep)
+        if not self.use_cache:
+            self.embeds, self.positions = self.embeds[keep], self.positions[keep]
+        elif hasattr(self.cache, "layers"):
+            select_rows(self.cache, keep)
+        else:
+            self.cache.batch_select_indices(keep)
         if self.mask is not None:
             self.mask = self.mask[keep]
         self.position, self.index, self.logits = self.position[keep], self.index[keep], self.logits[keep]
@@ -158,7 +172,7 @@ def sample_or_greedy(decoder: Decoder, inputs: DecoderInputs, params: Generation
                      monitor: RowMonitor) -> list[RowOutput]:
     pad = next(iter(monitor.end_ids))
     extra = params.max_new_tokens + (len(monitor.close_ids) if params.thinking_budget else 0)
-    rows = _Rows(decoder, inputs, extra)
+    rows = _Rows(decoder, inputs, extra, use_cache=params.use_cache)
     chooser = TokenChooser(params, len(monitor.rows), rows.logits.shape[-1], rows.logits.device)
     end_ids = torch.tensor(sorted(monitor.end_ids), device=rows.logits.device)
     step = 0
