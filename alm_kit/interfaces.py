@@ -75,6 +75,10 @@ class AudioFeatures:
     mask: Tensor
     pooled: Tensor | None = None
 
+    def index(self, rows: Tensor) -> AudioFeatures:
+        """The clips ``rows`` (a clip may be picked several times)."""
+        return AudioFeatures(self.frames[rows], self.mask[rows], None if self.pooled is None else self.pooled[rows])
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> AudioFeatures:
         """Move to ``device``; ``dtype`` casts the float tensors only."""
         pooled = None if self.pooled is None else self.pooled.to(device=device, dtype=dtype)

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import soundfile as sf  # noqa: E402
 
-#: a very small HTS-AT: 16 kHz, 2 s clips, 4 time steps x 32 frames
+#: a very small HTS-AT: 16 kHz, 2 s clips, 16 time steps (512 frames at 256/s with repeat_frames)
 TINY_HTSAT = {
     "sample_rate": 16000, "clip_seconds": 2.0, "window_size": 512, "hop_size": 160, "mel_bins": 16,
     "fmax": 8000, "spec_size": 64, "embed_dim": 8, "depths": [1, 1, 1], "num_heads": [1, 1, 2],

@@ -226,7 +226,7 @@ def beam_search(decoder: Decoder, inputs: DecoderInputs, params: GenerationConfi
     def normalised(score: float, length: int) -> float:
         return score / (max(length, 1) ** params.length_penalty)
 
-    for step in range(params.max_new_tokens):
+    for _ in range(params.max_new_tokens):
         chooser = TokenChooser(params, b * k, vocab, device)
         if chooser.seen is not None:
             for i, h in enumerate(history):

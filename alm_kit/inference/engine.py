@@ -167,8 +167,7 @@ class InferenceEngine:
         with torch.no_grad():
             encoded = self.model.encode(waveforms, lengths)
         index = torch.tensor([c for ids in refs for c in ids], device=self.model.device)
-        return {name: AudioFeatures(f.frames[index], f.mask[index], None if f.pooled is None else f.pooled[index])
-                for name, f in encoded.items()}
+        return {name: f.index(index) for name, f in encoded.items()}
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

@@ -34,7 +34,7 @@ def answered_ids(output: Path, *, retry_errors: bool) -> set[str]:
     done: set[str] = set()
     if not output.exists():
         return done
-    for number, line in enumerate(output.read_text().splitlines(), 1):
+    for line in output.read_text().splitlines():
         if not line.strip():
             continue
         try:
