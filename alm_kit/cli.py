@@ -338,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="only the first N examples of the input")
     p.add_argument("--retry", action="store_true", help="run the rejected examples (errors, filtered) again")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="recipe override, e.g. generation.temperature=0.7 (repeatable; recipes only)")
+                   help="recipe override, e.g. generation.temperature=0.7 (repeatable; a checkpoint takes only "
+                        "rephrase.* and generation.*, paths relative to the current directory)")
     p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
                    help="thinking on/off (default: generation.thinking)")
     p.add_argument("--thinking-budget", type=int, help="most thought tokens (default: generation.thinking_budget)")

@@ -180,6 +180,25 @@ def test_generate_cli_answers_with_the_tiny_alarm_checkpoint(trained, tmp_path, 
     assert out["text"] == direct.text and out["finish_reason"] == direct.finish_reason
 
 
+def test_rephrase_from_a_checkpoint_takes_prompt_settings_from_the_command_line(trained, tmp_path, capsys):
+    """A checkpoint's recipe forgot where its prompt files were: they are named again with --set."""
+    _, _, _, result = trained
+    out = tmp_path / "out.jsonl"
+    base = ["rephrase", str(result.checkpoint), "--in", str(EXAMPLES), "--out", str(out), "--limit", "2", "--quiet",
+            "--device", "cpu"]
+    assert main(base) == 2  # alarm/prompts/answer.txt is not relative to the current directory
+    assert "rephrase.answer_prompt: file not found: alarm/prompts/answer.txt" in capsys.readouterr().err
+    prompts = RECIPES / "alarm" / "prompts"
+    settings = [f"rephrase.answer_prompt={prompts / 'answer.txt'}", f"rephrase.rewrite_prompt={prompts / 'rewrite.txt'}",
+                "rephrase.filter=null", "rephrase.answer_max_new_tokens=6", "rephrase.rewrite_max_new_tokens=6"]
+    assert main(base + [a for s in settings for a in ("--set", s)]) == 0
+    report = json.loads((tmp_path / "out.report.json").read_text())
+    assert report["total"] == 2 and report["kept"] + sum(report["dropped"].values()) == 2
+    assert report["truncated"]["answer"] + report["dropped"]["no_answer"] >= 1  # 6 tokens: the limit applied
+    assert main(base + ["--set", "model.decoder.params.init_seed=3"]) == 2
+    assert "only rephrase.* and generation.* can be set" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- the pipeline, scripted decoder
 class ScriptedEngine:
     """Stands in for InferenceEngine.generate_text_batch: answers come from ``reply(prompt, params)``."""
@@ -406,7 +425,7 @@ def test_rephrase_with_the_real_smollm2(tmp_path):
     """recipes/alarm/smollm2.yaml on two examples: R0 answers from the description, the rewrite is
     parsed into a training response (what docs/alarm.md shows)."""
     engine, recipe = rp.load_text_engine(RECIPES / "alarm" / "smollm2.yaml", device="cpu", overrides=[
-        "rephrase.answer_max_new_tokens=48", "rephrase.rewrite_max_new_tokens=64"])  # keeps it short on a CPU
+        "rephrase.answer_max_new_tokens=32", "rephrase.rewrite_max_new_tokens=32"])  # keeps it short on a CPU
     out = tmp_path / "smollm2.jsonl"
     report = rp.rephrase_file(engine, recipe, EXAMPLES, out, engine.params(batch_size=2), limit=2, progress=False)
     assert report.kept + sum(report.dropped.values()) == 2 and report.failed == 0

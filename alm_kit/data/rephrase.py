@@ -184,8 +184,11 @@ def load_text_engine(source: str | Path, *, device: str = "auto", overrides: Seq
     if source.is_dir():
         from alm_kit.inference.api import ALM
 
-        alm = ALM.from_pretrained(source, device=device, overrides=overrides)
-        return alm.engine, alm.recipe
+        alm = ALM.from_pretrained(source, device=device)
+        if not overrides:
+            return alm.engine, alm.recipe
+        recipe = _override_settings(alm.recipe, overrides)
+        return InferenceEngine(alm.model, recipe.generation), recipe
     if source.suffix in (".yaml", ".yml") and source.exists():
         from alm_kit.config import load_recipe
         from alm_kit.training.engine import resolve_device
@@ -194,6 +197,21 @@ def load_text_engine(source: str | Path, *, device: str = "auto", overrides: Seq
         model = TextModel(recipe).to(resolve_device(device)).eval()
         return InferenceEngine(model, recipe.generation), recipe
     raise FileNotFoundError(f"{source}: not an alm-kit checkpoint directory or a recipe .yaml file")
+
+
+def _override_settings(recipe: Recipe, overrides: Sequence[str]) -> Recipe:
+    """A checkpoint's recipe with ``rephrase.*`` / ``generation.*`` overrides (its model is fixed); every
+    rephrase path of the result is relative to the current directory."""
+    from alm_kit.config.loader import _apply_override, parse_override, recipe_from_dict, recipe_to_dict
+
+    data = recipe_to_dict(recipe)
+    for text in overrides:
+        parts, value = parse_override(text)
+        if parts[0] not in ("rephrase", "generation"):
+            raise RephraseError(f"override '{text}': a checkpoint's model and training are fixed; only rephrase.* "
+                                "and generation.* can be set")
+        _apply_override(data, parts, value, text)
+    return recipe_from_dict(data, source=COMMAND_LINE)
 
 
 # --------------------------------------------------------------------------- the file pipeline
