@@ -15,3 +15,7 @@ class ManifestError(AlmKitError):
 
 class CheckpointError(AlmKitError):
     """A checkpoint directory is missing files or does not match its recipe."""
+
+
+class GenerationError(AlmKitError):
+    """An example cannot be answered, or generation settings are invalid (the message says which and why)."""

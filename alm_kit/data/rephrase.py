@@ -296,7 +296,7 @@ def rephrase_file(engine, recipe: Recipe, source: str | Path, output: str | Path
                   params: GenerationConfig | None = None, *, limit: int | None = None, retry: bool = False,
                   progress: bool = True) -> RephraseReport:
     """Rephrase a described manifest into a training manifest (module docstring); resumable."""
-    from alm_kit.inference.files import _drop_partial_line
+    from alm_kit.inference.files import drop_partial_line
 
     started = time.monotonic()
     source, output = Path(source), Path(output)
@@ -322,7 +322,7 @@ def rephrase_file(engine, recipe: Recipe, source: str | Path, output: str | Path
 
     rejected_path, report_path = side_files(output)
     for path in (output, rejected_path):
-        _drop_partial_line(path)
+        drop_partial_line(path)
     done = {str(r.get("id")) for r in _records(output)}
     rejected = _records(rejected_path)
     attempts = {str(r.get("id")): int(r.get("attempt", 1)) for r in rejected}

@@ -84,7 +84,8 @@ class ALM:
             from alm_kit.model import build_model
 
             recipe = load_recipe(source, list(overrides))
-            model = build_model(recipe.model).to(target).eval()
+            # the seed training uses, so random-init parts are the ones a run starts from
+            model = build_model(recipe.model, seed=recipe.training.seed).to(target).eval()
         else:
             raise FileNotFoundError(f"{source}: not an alm-kit checkpoint directory or a recipe .yaml file")
         return cls(model, recipe)

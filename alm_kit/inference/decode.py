@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from alm_kit.config.schema import GenerationConfig
+from alm_kit.errors import GenerationError
 from alm_kit.inference.kv_cache import preallocated_cache, reorder_rows, repeat_rows, select_rows
 from alm_kit.inference.sampling import TokenChooser
 from alm_kit.interfaces import Decoder, DecoderInputs
@@ -53,7 +54,7 @@ class RowMonitor:
         self.close_id = single_token_id(tokenizer, THINK_CLOSE)
         budget = params.thinking_budget
         if budget is not None and (self.open_id is None or self.close_id is None):
-            raise ValueError(f"thinking_budget needs a decoder whose tokenizer has single {THINK_OPEN} and "
+            raise GenerationError(f"thinking_budget needs a decoder whose tokenizer has single {THINK_OPEN} and "
                              f"{THINK_CLOSE} tokens")
         self.close_ids = tokenizer.encode(params.thinking_close, add_special_tokens=False) if budget else []
         self.rows = [RowOutput() for _ in prompt_ids]

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from alm_kit.audio.io import AudioBlob, check_waveform, load_audio, prepare_for_specs
 from alm_kit.config.schema import GenerationConfig
 from alm_kit.data.batch import Batch, collate_waveforms
-from alm_kit.errors import AlmKitError
+from alm_kit.errors import AlmKitError, GenerationError
 from alm_kit.inference.decode import RowMonitor, RowOutput, decode, end_token_ids, single_token_id
 from alm_kit.interfaces import AudioFeatures
 from alm_kit.model import AudioLanguageModel
@@ -32,10 +32,6 @@ from alm_kit.text.thinking import THINK_CLOSE, THINK_OPEN
 
 #: a path, encoded bytes, or a waveform (numpy array or tensor) with its sample rate
 AudioInput = str | Path | AudioBlob | tuple[Any, int]
-
-
-class GenerationError(AlmKitError):
-    """One example could not be answered (the message says which and why)."""
 
 
 @dataclass

@@ -62,7 +62,7 @@ def generate_file(engine: InferenceEngine, source: str | Path, output: str | Pat
     repeated = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
     if repeated:
         raise ManifestError(f"{source}: ids must be unique to resume, repeated: {', '.join(repeated[:5])}")
-    _drop_partial_line(output)
+    drop_partial_line(output)
     done = answered_ids(output, retry_errors=retry_errors)
     todo = [Request(audio=list(e.audio), prompt=e.prompt, id=e.id, meta=e.meta) for e in examples if e.id not in done]
     if retry_errors and output.exists():
@@ -93,7 +93,7 @@ def _parses(line: str) -> bool:
         return False
 
 
-def _drop_partial_line(output: Path) -> None:
+def drop_partial_line(output: Path) -> None:
     """A crash while writing can leave a last line without its newline: it is dropped (and answered again)."""
     if not output.exists():
         return
