@@ -95,3 +95,12 @@ def test_bad_templates_are_config_errors():
         check_template("{question} {choices} {answer}")
     with pytest.raises(ConfigError, match="generation.*mcq_template"):
         recipe_from_dict(tiny_recipe_dict(**{"generation.mcq_template": "melow"}))
+
+
+def test_thinking_answers_are_scored_on_the_answer_not_the_reasoning():
+    from alm_kit.evaluation.runner import _answer_part
+
+    text = "<think>\nIt could be a dog or a car; the rhythm says dog.\n</think>\n\ncar engine"
+    assert _answer_part(text) == "car engine"
+    assert _answer_part("<think>\nstill thinking about the dog") == ""  # never closed: no answer
+    assert _answer_part("plain answer") == "plain answer"

@@ -98,8 +98,20 @@ def _read_cache(path: Path, key: str) -> dict[str, str]:
     return cache
 
 
+def _answer_part(text: str) -> str:
+    """What is scored: for thinking decoders the answer after ``</think>`` (the reasoning names every option)."""
+    from alm_kit.text.thinking import THINK_CLOSE, THINK_OPEN, split_thinking
+
+    return split_thinking(text)[1] if THINK_CLOSE in text or THINK_OPEN in text else text
+
+
 def _ask(model, gen: GenerationConfig, items: list[BenchItem], prompts: dict[int, str]) -> list[str | Exception]:
     """Answers for one batch; when the batch fails, each item alone (so one bad clip fails only itself)."""
+    answers = _ask_texts(model, gen, items, prompts)
+    return [a if isinstance(a, Exception) else _answer_part(a) for a in answers]
+
+
+def _ask_texts(model, gen: GenerationConfig, items: list[BenchItem], prompts: dict[int, str]) -> list[str | Exception]:
     from alm_kit.inference.engine import Request, generate
 
     requests = [Request(audio=list(i.audio), prompt=prompts[i.index], id=i.id) for i in items]
