@@ -20,8 +20,7 @@ from alm_kit.errors import GenerationError
 from alm_kit.inference.kv_cache import preallocated_cache, reorder_rows, repeat_rows, select_rows
 from alm_kit.inference.sampling import TokenChooser
 from alm_kit.interfaces import Decoder, DecoderInputs
-
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+from alm_kit.text.thinking import THINK_CLOSE, THINK_OPEN
 
 
 @dataclass
