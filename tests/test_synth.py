@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 import stat
 import sys
 from pathlib import Path
@@ -44,20 +43,11 @@ TEST_KEYS = {
 
 
 def mmau_string_match(answer: str, prediction: str, choices: list[str]) -> bool:
-    """MMAU's evaluation.py scorer: all answer tokens present, no token unique to a wrong choice."""
+    """MMAU's evaluation.py scorer (alm-kit's implementation, pinned against the official cases in
+    tests/test_evaluation_scoring.py)."""
+    from alm_kit.evaluation.scoring import string_match
 
-    def tokenize(text: str) -> set[str]:
-        return set(re.findall(r"\b\w+\b", text.lower()))
-
-    prediction_tokens, answer_tokens = tokenize(prediction), tokenize(answer)
-    if not prediction_tokens:
-        return False
-    incorrect: set[str] = set()
-    for choice in choices:
-        tokens = tokenize(choice)
-        if tokens != answer_tokens:
-            incorrect |= tokens - answer_tokens
-    return answer_tokens <= prediction_tokens and prediction_tokens.isdisjoint(incorrect)
+    return string_match(answer, prediction, choices)
 
 
 def read(path: Path) -> np.ndarray:

@@ -32,19 +32,21 @@ class Example:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _records(path: Path) -> list[tuple[int, Any]]:
-    """(line number, parsed record) for JSON Lines or a JSON list file."""
+def json_records(path: Path, what: str = "manifest") -> tuple[list[tuple[int, Any]], Literal["json", "jsonl"]]:
+    """(line number, parsed record) of a JSON Lines or JSON list file, and which of the two it is.
+
+    Errors name ``what`` and the file (and the line); for a JSON list the "line" is the item number.
+    """
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ManifestError(f"manifest not found: {path}") from None
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+        raise ManifestError(f"{what} not found: {path}") from None
+    if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ManifestError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
-        return [(i + 1, item) for i, item in enumerate(items)]  # "line" = item number
+        return [(i + 1, item) for i, item in enumerate(items)], "json"
     records = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -53,7 +55,11 @@ def _records(path: Path) -> list[tuple[int, Any]]:
             records.append((number, json.loads(line)))
         except json.JSONDecodeError as exc:
             raise ManifestError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-    return records
+    return records, "jsonl"
+
+
+def _records(path: Path) -> list[tuple[int, Any]]:
+    return json_records(path)[0]
 
 
 def detect_format(records: list[tuple[int, Any]]) -> Literal["jsonl", "reasonaqa"]:

@@ -151,27 +151,11 @@ class Benchmark:
 
 def read_records(path: str | Path) -> tuple[list[dict[str, Any]], Literal["json", "jsonl"]]:
     """A JSON list of objects or JSON Lines; errors name the file (and line)."""
+    from alm_kit.data.manifest import json_records
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ManifestError(f"benchmark file not found: {path}") from None
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ManifestError(f"{path}: not valid JSON: {exc}") from None
-        container: Literal["json", "jsonl"] = "json"
-    else:
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ManifestError(f"{path}:{number}: not valid JSON: {exc}") from None
-        container = "jsonl"
+    numbered, container = json_records(path, "benchmark file")
+    records = [record for _, record in numbered]
     if not records:
         raise ManifestError(f"{path}: holds no records")
     bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
