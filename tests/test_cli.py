@@ -36,3 +36,17 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys):
     assert main(["train", str(tmp_path / "nope.yaml")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: recipe file not found") and "Traceback" not in err
+
+
+def test_overrides_may_follow_options_and_unknown_arguments_are_refused(capsys):
+    import pytest
+
+    from alm_kit.cli import parse_args
+
+    args = parse_args(["train", "r.yaml", "training.lr=3e-4", "--quiet", "training.seed=2"])
+    assert args.quiet and args.overrides == ["training.lr=3e-4", "training.seed=2"]
+    with pytest.raises(SystemExit):
+        parse_args(["train", "r.yaml", "--quiet", "--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["plugins", "x=1"])  # a command without overrides
