@@ -24,6 +24,7 @@ from alm_kit.errors import AlmKitError
 from alm_kit.evaluation.formats import BenchItem, Benchmark, read_benchmark, write_annotated
 from alm_kit.evaluation.prompts import mcq_prompt, resolve_template
 from alm_kit.evaluation.scoring import RULES, accuracy_table, format_table
+from alm_kit.hashing import update_with_file
 
 PREDICTIONS = "predictions.jsonl"
 RESULTS = "results.json"
@@ -66,9 +67,7 @@ def checkpoint_fingerprint(directory: str | Path) -> str:
     for name in ("recipe.yaml", "model.safetensors"):
         path = directory / name
         if path.exists():
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    digest.update(block)
+            update_with_file(digest, path)
     return digest.hexdigest()[:16]
 
 

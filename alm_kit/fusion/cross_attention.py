@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from alm_kit.fusion.streams import leading_stream
 from alm_kit.interfaces import AudioFeatures, Fusion, StreamInfo
 from alm_kit.nn.attention import QueryLayer, masked_fill_padding, stochastic_depth
 
@@ -43,11 +44,7 @@ class CrossAttentionFusion(Fusion):
 
     def __init__(self, config: Config, streams: list[StreamInfo]) -> None:
         super().__init__(config, streams)
-        if len(streams) < 2:
-            raise ValueError("cross_attention fusion needs at least two encoder streams")
-        if not 0 <= config.query_stream < len(streams):
-            raise ValueError(f"query_stream {config.query_stream} is not one of the {len(streams)} streams")
-        query = streams[config.query_stream]
+        query = leading_stream("cross_attention", streams, config.query_stream, "query_stream")
         h = config.hidden_dim or query.frame_dim
         if h % config.num_heads:
             raise ValueError(f"width {h} must be divisible by num_heads ({config.num_heads})")

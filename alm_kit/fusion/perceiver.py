@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from alm_kit.fusion.streams import leading_stream
 from alm_kit.interfaces import AudioFeatures, Fusion, StreamInfo
 from alm_kit.projectors.perceiver import PerceiverProjector
 
@@ -37,11 +38,7 @@ class PerceiverFusion(Fusion):
 
     def __init__(self, config: Config, streams: list[StreamInfo]) -> None:
         super().__init__(config, streams)
-        if len(streams) < 2:
-            raise ValueError("perceiver fusion needs at least two encoder streams")
-        if not 0 <= config.main_stream < len(streams):
-            raise ValueError(f"main_stream {config.main_stream} is not one of the {len(streams)} streams")
-        main = streams[config.main_stream]
+        main = leading_stream("perceiver", streams, config.main_stream, "main_stream")
         self.others = [i for i in range(len(streams)) if i != config.main_stream]
         self.resamplers = nn.ModuleList(PerceiverProjector(config, streams[i], main.frame_dim) for i in self.others)
         pairs = 1 if config.framing == "together" else len(self.others)

@@ -17,13 +17,13 @@ docs/mellow.md for what compatibility mode means and what the parity tests pin d
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from alm_kit.errors import CheckpointError
+from alm_kit.hashing import file_sha256
 
 #: reference prefix -> alm-kit prefix (after an optional "module.")
 KEY_MAP = (
@@ -114,12 +114,6 @@ def convert_state(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
     return {k: v.to(own[k].dtype) for k, v in mapped.items()}
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def import_mellow(source: str | Path, out_dir: str | Path, recipe: str | Path | None = None,

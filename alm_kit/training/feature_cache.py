@@ -37,6 +37,7 @@ from torch import Tensor
 
 from alm_kit.audio.io import AudioBlob, AudioSource, load_audio, prepare_for_specs
 from alm_kit.errors import AlmKitError
+from alm_kit.hashing import file_sha256
 from alm_kit.interfaces import AudioFeatures
 
 #: bump when the stored layout or what a key covers changes: old entries become misses
@@ -64,14 +65,6 @@ def resolve_cache_dir(configured: str | None) -> Path:
 # --------------------------------------------------------------------------- content digests
 def bytes_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class DigestMemo:
@@ -105,7 +98,7 @@ class DigestMemo:
             row = db.execute("SELECT size, mtime_ns, digest FROM digests WHERE path = ?", (str(path),)).fetchone()
             if row is not None and row[0] == st.st_size and row[1] == st.st_mtime_ns:
                 return row[2]
-        digest = file_digest(path)
+        digest = file_sha256(path)
         if db is not None:
             self._pending.append((str(path), st.st_size, st.st_mtime_ns, digest))
             if len(self._pending) >= 1000:
