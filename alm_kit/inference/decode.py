@@ -158,10 +158,8 @@ class _Rows:
     def keep(self, keep: Tensor) -> None:
         if not self.use_cache:
             self.embeds, self.positions = self.embeds[keep], self.positions[keep]
-        elif hasattr(self.cache, "layers"):
-            select_rows(self.cache, keep)
         else:
-            self.cache.batch_select_indices(keep)
+            select_rows(self.cache, keep)
         if self.mask is not None:
             self.mask = self.mask[keep]
         self.position, self.index, self.logits = self.position[keep], self.index[keep], self.logits[keep]
@@ -212,7 +210,7 @@ def beam_search(decoder: Decoder, inputs: DecoderInputs, params: GenerationConfi
     rows = _Rows(decoder, inputs, params.max_new_tokens)
     b, vocab = rows.logits.shape
     device = rows.logits.device
-    repeat_rows(rows.cache, k) if hasattr(rows.cache, "layers") else rows.cache.batch_repeat_interleave(k)
+    repeat_rows(rows.cache, k)
     if rows.mask is not None:
         rows.mask = rows.mask.repeat_interleave(k, dim=0)
     rows.position = rows.position.repeat_interleave(k)
@@ -260,8 +258,7 @@ def beam_search(decoder: Decoder, inputs: DecoderInputs, params: GenerationConfi
         source_list = sources.view(-1).tolist()
         history = [history[s] + [t] for s, t in zip(source_list, new_tokens.view(-1).tolist())]
         scores = new_scores
-        reorder_rows(rows.cache, sources.view(-1)) if hasattr(rows.cache, "layers") else \
-            rows.cache.reorder_cache(sources.view(-1))
+        reorder_rows(rows.cache, sources.view(-1))
         if rows.mask is not None:
             rows.mask = rows.mask[sources.view(-1)]
         rows.step(new_tokens.view(-1))

@@ -252,7 +252,7 @@ class InferenceEngine:
                             chat: bool = True, system: str | None = None) -> list[Generation]:
         """The decoder alone as a text LLM (no audio): each prompt rendered with the tokenizer's chat
         template (``params.thinking`` reaches templates that know it) or used as it is with ``chat=False``."""
-        from alm_kit.layouts.sequence import Piece, stack
+        from alm_kit.layouts.sequence import IGNORE, Piece, stack
 
         tok = self.tokenizer
         results = [Generation(id=str(i)) for i in range(len(prompts))]
@@ -282,7 +282,7 @@ class InferenceEngine:
             for i in good:
                 table = torch.tensor(ids[i], dtype=torch.long, device=device)
                 pieces.append([Piece(decoder.embed(table), torch.ones(len(table), dtype=torch.bool, device=device),
-                                     torch.full_like(table, -100))])
+                                     torch.full_like(table, IGNORE))])
             inputs = stack(pieces, left_pad=True)
             monitor = RowMonitor(tok, params, end_token_ids(self.model.layout, tok), [ids[i] for i in good])
             rows = decode(decoder, inputs, params, monitor)

@@ -110,10 +110,12 @@ def select_rows(cache, indices: Tensor) -> None:
 
 
 def reorder_rows(cache, indices: Tensor) -> None:
+    """Row i becomes old row ``indices[i]`` (beam search)."""
     for layer in cache.layers:
         layer.reorder_cache(indices)
 
 
 def repeat_rows(cache, repeats: int) -> None:
+    """Every row ``repeats`` times in a row (one per beam)."""
     for layer in cache.layers:
         layer.batch_repeat_interleave(repeats)
