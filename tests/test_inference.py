@@ -13,8 +13,13 @@ from alm_kit.model import build_model
 from tests.conftest import tiny_recipe_dict, write_tone
 
 
-def _engine(layout: str = "prefix", **layout_params):
+TINY_GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 2048}
+
+
+def _engine(layout: str = "prefix", decoder: dict | None = None, **layout_params):
     recipe = tiny_recipe_dict()
+    if decoder is not None:
+        recipe["model"]["decoder"]["params"]["config"] = dict(decoder)
     if layout == "placeholder":
         recipe["model"]["layout"] = {"name": "placeholder", "params": layout_params}
     elif layout_params:
@@ -50,9 +55,12 @@ def _hf_greedy(model, request: Request, new_tokens: int) -> list[int]:
     return tokens[: next((i for i, t in enumerate(tokens) if t in ends), len(tokens))]
 
 
-@pytest.mark.parametrize("layout", ["prefix", "placeholder"])
-def test_batched_greedy_equals_one_at_a_time_and_transformers(layout):
-    engine = _engine(layout)
+@pytest.mark.parametrize("layout, decoder", [("prefix", None), ("placeholder", None), ("placeholder", TINY_GPT2)],
+                         ids=["prefix-llama", "placeholder-llama", "placeholder-gpt2"])
+def test_batched_greedy_equals_one_at_a_time_and_transformers(layout, decoder):
+    """GPT-2's absolute positions also check that left padding does not shift position ids
+    (Llama's rotary positions are relative, so a shift would go unnoticed there)."""
+    engine = _engine(layout, decoder)
     requests = _requests()
     params = engine.params(max_new_tokens=10, batch_size=5)
     batched = engine.run(requests, params)
