@@ -20,6 +20,7 @@ docs/components.md documents the contract.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -78,6 +79,14 @@ class AudioFeatures:
     def index(self, rows: Tensor) -> AudioFeatures:
         """The clips ``rows`` (a clip may be picked several times)."""
         return AudioFeatures(self.frames[rows], self.mask[rows], None if self.pooled is None else self.pooled[rows])
+
+    @staticmethod
+    def cat(parts: Sequence[AudioFeatures]) -> AudioFeatures:
+        """The clips of ``parts`` one after the other (passes of one encoder over slices of a batch)."""
+        if len(parts) == 1:
+            return parts[0]
+        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
+        return AudioFeatures(torch.cat([p.frames for p in parts]), torch.cat([p.mask for p in parts]), pooled)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> AudioFeatures:
         """Move to ``device``; ``dtype`` casts the float tensors only."""

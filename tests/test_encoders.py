@@ -16,7 +16,7 @@ from alm_kit.data.batch import Batch, collate_waveforms
 from alm_kit.encoders.clap import CLAPAudioEncoder, load_model_config
 from alm_kit.encoders.htsat import HTSATEncoder
 from alm_kit.encoders.whisper import WhisperEncoder, frames_for, whisper_dims
-from alm_kit.interfaces import AudioSpec, StreamInfo
+from alm_kit.interfaces import AudioFeatures, AudioSpec, StreamInfo
 from alm_kit.model import build_model
 from tests.conftest import TINY_HTSAT, TINY_LLAMA
 
@@ -396,3 +396,39 @@ def test_htsat_at_clap_settings_and_clap_frame_rate(encoders, clap_enc):
     assert out.frames.shape == (1, 512, 12)
     # CLAP's framewise latent: frames per second of the 2.4 s window
     assert clap_enc.info.frame_rate == clap_enc.info.num_frames / 2.4
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_encoding_in_passes_equals_one_pass(name, encoders):
+    """The engine may run an encoder over slices of a batch (generation.encoder_batch): every clip's
+    features must not depend on which other clips share its pass."""
+    enc = encoders[name]
+    rate = enc.spec.sample_rate
+    clips = [noise(seconds, rate, seed=i).numpy() for i, seconds in enumerate((2.0, 0.7, 1.3))]
+    waves, lengths = collate_waveforms([{name: (c, len(c))} for c in clips], [name])
+    with torch.no_grad():
+        whole = enc(waves[name], lengths[name])
+        passes = AudioFeatures.cat([enc(waves[name][s:s + 2], lengths[name][s:s + 2]) for s in (0, 2)])
+    torch.testing.assert_close(passes.frames, whole.frames, rtol=1e-5, atol=1e-5)
+    assert torch.equal(passes.mask, whole.mask)
+    if whole.pooled is not None:
+        torch.testing.assert_close(passes.pooled, whole.pooled, rtol=1e-5, atol=1e-5)
+
+
+def test_htsat_keeps_no_attention_maps_and_its_output_is_unchanged():
+    """laion's Swin stages average every block's attention map when not training (memory alm-kit never
+    uses); ``BasicLayer.training`` only decides that, so the stages are marked as training while
+    everything else (drop-path, dropout, SpecAugment) keeps the real mode."""
+    enc = HTSATEncoder(HTSATEncoder.Config(**dict(TINY_HTSATS["htsat32k"], drop_path_rate=0.5))).eval()
+    stages = [m for m in enc.modules() if type(m).__name__ == "BasicLayer"]
+    assert len(stages) == 3 and all(s.training for s in stages)
+    assert not any(m.training for m in enc.modules() if type(m).__name__ != "BasicLayer")
+    waves, lengths = torch.stack([noise(2.0, 32000), noise(2.0, 32000, seed=1)]), torch.tensor([64000, 32000])
+    with torch.no_grad():
+        ours = enc(waves, lengths)
+        for stage in stages:  # laion's own behaviour
+            stage.training = False
+        theirs = enc(waves, lengths)
+    assert torch.equal(ours.frames, theirs.frames) and torch.equal(ours.pooled, theirs.pooled)
+    enc.train()
+    assert all(m.training for m in enc.modules())

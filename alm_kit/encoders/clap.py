@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from alm_kit.encoders._laion import clap_module
+from alm_kit.encoders._laion import NoAttentionMaps, clap_module
 from alm_kit.interfaces import AudioFeatures, AudioSpec, Encoder, StreamInfo
 from alm_kit.nn.masks import frames_mask
 
@@ -96,7 +96,7 @@ def _torch_load(path: str) -> Any:
                              "Re-save its state dict (torch.save(ckpt['state_dict'], ...)).") from None
 
 
-class CLAPAudioEncoder(Encoder):
+class CLAPAudioEncoder(NoAttentionMaps, Encoder):
     """LAION-CLAP's audio encoder: HTS-AT/PANN branch + projection to the joint space."""
 
     @dataclass

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from alm_kit.encoders._laion import clap_module
+from alm_kit.encoders._laion import NoAttentionMaps, clap_module
 from alm_kit.interfaces import AudioFeatures, AudioSpec, Encoder, StreamInfo
 from alm_kit.nn.masks import frames_mask
 
@@ -30,7 +30,7 @@ HTSAT_FRAME_REPEAT = 32
 CHECKPOINT_PREFIXES = ("module.", "sed_model.", "model.audio_branch.", "audio_branch.", "htsat.")
 
 
-class HTSATEncoder(Encoder):
+class HTSATEncoder(NoAttentionMaps, Encoder):
     """HTS-AT audio encoder (Swin transformer over a folded log-mel)."""
 
     @dataclass
