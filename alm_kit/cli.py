@@ -65,7 +65,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def _generation_overrides(args: argparse.Namespace) -> dict:
     """Generation settings given on the command line (unset ones keep the recipe's)."""
     names = ("max_new_tokens", "temperature", "top_p", "top_k", "num_beams", "repetition_penalty", "seed",
-             "batch_size", "thinking", "thinking_budget")
+             "batch_size", "encoder_batch", "thinking", "thinking_budget")
     out = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.do_sample:
         out["do_sample"] = True
@@ -147,6 +147,8 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--seed", type=int)
     g.add_argument("--batch-size", type=int)
+    g.add_argument("--encoder-batch", type=lambda v: v if v in ("auto", "all") else int(v),
+                   help="clips per encoder pass: auto (all on CUDA, 4 on CPU), all, or a number")
     g.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
                    help="thinking decoders (Qwen3): thinking on/off")
     g.add_argument("--thinking-budget", type=int, help="most thought tokens before the thought is closed")

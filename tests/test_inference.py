@@ -12,7 +12,6 @@ from alm_kit.inference.engine import InferenceEngine, Request, make_batch
 from alm_kit.model import build_model
 from tests.conftest import tiny_recipe_dict, write_tone
 
-
 TINY_GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 2048}
 
 
@@ -85,21 +84,20 @@ def test_mellow_compat_layout_without_mask_batches_rows_of_equal_length():
         assert together.tokens == _hf_greedy(engine.model, request, 8)
 
 
-def test_a_clip_used_twice_in_a_batch_is_encoded_once(monkeypatch):
+def test_a_clip_used_twice_in_a_batch_is_encoded_once():
     engine = _engine()
-    calls = []
-    original = engine.model.encode
-
-    def counting(waveforms, lengths):
-        calls.append({k: v.shape[0] for k, v in waveforms.items()})
-        return original(waveforms, lengths)
-
-    monkeypatch.setattr(engine.model, "encode", counting)
+    passes = []
+    engine.model.encoders["htsat"].register_forward_hook(lambda module, args, out: passes.append(len(args[0])))
     clip = (np.sin(np.arange(16000) / 10).astype(np.float32), 16000)
     other = (np.cos(np.arange(16000) / 7).astype(np.float32), 16000)
-    engine.run([Request([clip, other], "a"), Request([clip], "b"), Request([other, clip], "c")],
-               engine.params(max_new_tokens=2))
-    assert calls == [{"htsat": 2}]  # one encoder call, two distinct clips
+    third = (np.cos(np.arange(16000) / 3).astype(np.float32), 16000)
+    requests = [Request([clip, other], "a"), Request([clip], "b"), Request([other, clip], "c"), Request([third], "d")]
+    whole = engine.run(requests, engine.params(max_new_tokens=4, encoder_batch="all"))
+    assert passes == [3]  # one pass, three distinct clips
+    passes.clear()
+    sliced = engine.run(requests, engine.params(max_new_tokens=4, encoder_batch=2))
+    assert passes == [2, 1]  # the same three clips in passes of two
+    assert [g.tokens for g in sliced] == [g.tokens for g in whole]
 
 
 def test_sampling_is_seeded_and_top_k_one_is_greedy():
@@ -252,6 +250,17 @@ def test_unknown_generation_setting_is_named():
         engine.params(top_q=0.5)
     with pytest.raises(Exception, match="top_p"):
         engine.params(top_p=1.5)
+    with pytest.raises(Exception, match="encoder_batch must be > 0"):
+        engine.params(encoder_batch=0)
+
+
+def test_where_the_time_went_is_reported_per_batch():
+    engine = _engine()
+    engine.run(_requests(3), engine.params(max_new_tokens=5, min_new_tokens=5))
+    timings = engine.last_timings
+    assert set(timings) == {"audio", "layout", "prefill", "decode", "steps"}
+    assert timings["steps"] == 4  # 5 tokens: the prefill gives the first, 4 decode steps the rest
+    assert all(timings[k] > 0 for k in ("audio", "layout", "prefill", "decode"))
 
 
 def test_audio_from_file_array_and_tensor_give_the_same_answer(tmp_path):
@@ -370,7 +379,7 @@ def test_generate_cli_one_example_prints_the_answer(checkpoint, tones, capsys):
     from alm_kit.cli import main
 
     assert main(["generate", "--checkpoint", str(checkpoint), "--audio", tones[0], "--audio", tones[1],
-                 "--prompt", "which?", "--json", "--device", "cpu", "--max-new-tokens", "3"]) == 0
+                 "--prompt", "which?", "--json", "--device", "cpu", "--max-new-tokens", "3", "--encoder-batch", "1"]) == 0
     printed = json.loads(capsys.readouterr().out)
     expected = ALM.from_pretrained(checkpoint, device="cpu").generate([tones[0], tones[1]], "which?", max_new_tokens=3)
     assert printed["text"] == expected.text

@@ -202,6 +202,9 @@ class GenerationConfig:
     #: the answer ends before the first of these strings
     stop: list[str] = field(default_factory=list)
     batch_size: int = 8
+    #: clips per encoder pass: all (every distinct clip of a batch in one pass), a number, or auto
+    #: (all on CUDA; 4 on CPU, where large passes run slower and hold more activation memory)
+    encoder_batch: int | Literal["auto", "all"] = "auto"
     seed: int = 0
     #: thinking decoders (Qwen3): on / off (passed to the chat template); null: the template's default
     thinking: bool | None = None
@@ -216,6 +219,8 @@ class GenerationConfig:
         for name in ("max_new_tokens", "temperature", "num_beams", "batch_size", "repetition_penalty",
                      "thinking_budget"):
             _positive(name, getattr(self, name))
+        if self.encoder_batch not in ("auto", "all"):
+            _positive("encoder_batch", self.encoder_batch)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:

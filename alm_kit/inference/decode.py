@@ -10,6 +10,7 @@ decoders get a thought budget after which the thought is closed for them.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +58,8 @@ class RowMonitor:
                              f"{THINK_CLOSE} tokens")
         self.close_ids = tokenizer.encode(params.thinking_close, add_special_tokens=False) if budget else []
         self.rows = [RowOutput() for _ in prompt_ids]
+        #: where the time went: prefill and decode seconds, decode forward passes
+        self.timings: dict[str, float] = {}
         self.done = [False] * len(prompt_ids)
         self.thinking = [False] * len(prompt_ids)
         self.thought_len = [0] * len(prompt_ids)
@@ -170,7 +173,10 @@ def sample_or_greedy(decoder: Decoder, inputs: DecoderInputs, params: Generation
                      monitor: RowMonitor) -> list[RowOutput]:
     pad = next(iter(monitor.end_ids))
     extra = params.max_new_tokens + (len(monitor.close_ids) if params.thinking_budget else 0)
+    start = time.perf_counter()
     rows = _Rows(decoder, inputs, extra, use_cache=params.use_cache)
+    monitor.timings["prefill"] = time.perf_counter() - start
+    start = time.perf_counter()
     chooser = TokenChooser(params, len(monitor.rows), rows.logits.shape[-1], rows.logits.device)
     end_ids = torch.tensor(sorted(monitor.end_ids), device=rows.logits.device)
     step = 0
@@ -198,6 +204,7 @@ def sample_or_greedy(decoder: Decoder, inputs: DecoderInputs, params: Generation
             chooser.keep_rows(keep)
             tokens = tokens[keep]
         rows.step(tokens)
+    monitor.timings.update(decode=time.perf_counter() - start, steps=step - 1)
     return monitor.rows
 
 
@@ -207,7 +214,10 @@ def beam_search(decoder: Decoder, inputs: DecoderInputs, params: GenerationConfi
     """Beam search with ``num_beams`` beams per example; an example is done when it has that many
     finished hypotheses (transformers' ``early_stopping=True``)."""
     k = params.num_beams
+    start = time.perf_counter()
     rows = _Rows(decoder, inputs, params.max_new_tokens)
+    monitor.timings["prefill"] = time.perf_counter() - start
+    start, steps = time.perf_counter(), 0
     b, vocab = rows.logits.shape
     device = rows.logits.device
     repeat_rows(rows.cache, k)
@@ -262,7 +272,9 @@ def beam_search(decoder: Decoder, inputs: DecoderInputs, params: GenerationConfi
         if rows.mask is not None:
             rows.mask = rows.mask[sources.view(-1)]
         rows.step(new_tokens.view(-1))
+        steps += 1
         logits = rows.logits
+    monitor.timings.update(decode=time.perf_counter() - start, steps=steps)
     for e in range(b):
         if not done[e]:
             for j in range(k):

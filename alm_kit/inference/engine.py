@@ -12,6 +12,7 @@ the batch still completes.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,19 @@ def _check_clip_count(model: AudioLanguageModel, request: Request, where: str) -
                               f"{limit}")
 
 
+#: clips per encoder pass on a CPU with ``encoder_batch: auto``. HTS-AT on 16 ten-second clips ran
+#: 1.6x faster in passes of 2-4 clips than in one pass on a 2-core CPU (large activations stop
+#: fitting the caches) and needs half the activation memory: ``benchmarks/pass_sizes.py``.
+CPU_ENCODER_BATCH = 4
+
+
+def clips_per_pass(params: GenerationConfig, device: torch.device) -> int | None:
+    """``generation.encoder_batch`` resolved for ``device``; None = every clip in one pass."""
+    if params.encoder_batch == "all" or (params.encoder_batch == "auto" and device.type == "cuda"):
+        return None
+    return CPU_ENCODER_BATCH if params.encoder_batch == "auto" else int(params.encoder_batch)
+
+
 def context_length(model: AudioLanguageModel) -> int | None:
     config = getattr(model.decoder.language_model, "config", None)
     return getattr(config, "max_position_embeddings", None)
@@ -105,6 +119,9 @@ class InferenceEngine:
         self.model = model.eval()
         self.defaults = defaults or GenerationConfig()
         self.tokenizer = model.decoder.tokenizer
+        #: seconds spent on the last batch: audio (decoding, resampling, encoders), layout, prefill,
+        #: decode, and the number of decode steps
+        self.last_timings: dict[str, float] = {}
 
     def params(self, **overrides: Any) -> GenerationConfig:
         """The defaults with ``overrides`` applied (None values are ignored) and validated."""
@@ -157,11 +174,13 @@ class InferenceEngine:
             refs.append(ids)
         return good, refs, distinct, errors
 
-    def _features(self, distinct: list[_Clip], refs: list[list[int]]) -> dict[str, AudioFeatures]:
-        """All distinct clips through each encoder in one call, then one row per clip reference."""
+    def _features(self, distinct: list[_Clip], refs: list[list[int]],
+                  params: GenerationConfig) -> dict[str, AudioFeatures]:
+        """All distinct clips through each encoder in one call (in passes of ``encoder_batch`` clips),
+        then one row per clip reference."""
         waveforms, lengths = collate_waveforms([c.fitted for c in distinct], list(self.model.audio_specs))
         with torch.no_grad():
-            encoded = self.model.encode(waveforms, lengths)
+            encoded = self.model.encode(waveforms, lengths, clips_per_pass(params, self.model.device))
         index = torch.tensor([c for ids in refs for c in ids], device=self.model.device)
         return {name: f.index(index) for name, f in encoded.items()}
 
@@ -171,6 +190,7 @@ class InferenceEngine:
         """One batch: every request in one prefix and one decode loop."""
         model = self.model
         results = [Generation(id=r.id or str(i)) for i, r in enumerate(requests)]
+        start = time.perf_counter()
         good, refs, distinct, errors = self._prepare(requests, params)
         for i, error in enumerate(errors):
             results[i].error = error
@@ -183,7 +203,8 @@ class InferenceEngine:
             batch = Batch(ids=[requests[i].id for i in good], prompts=[requests[i].prompt for i in good],
                           responses=None, clips_per_example=[len(r) for r in refs],
                           clip_keys=[distinct[c].key for ids in refs for c in ids],
-                          features=self._features(distinct, refs))
+                          features=self._features(distinct, refs, params))
+            encoded = time.perf_counter()
             try:
                 inputs = model.decoder_inputs(batch, for_generation=True, thinking=params.thinking)
             except ValueError as exc:  # a layout refusing the batch (e.g. placeholders vs clips)
@@ -195,7 +216,9 @@ class InferenceEngine:
                 return results
             monitor = RowMonitor(self.tokenizer, params, end_token_ids(model.layout, self.tokenizer),
                                  [[t for t in ids if t >= 0] for ids in inputs.text.prompt_ids])
+            laid_out = time.perf_counter()
             rows = decode(model.decoder, inputs, params, monitor)
+        self.last_timings = {"audio": encoded - start, "layout": laid_out - encoded, **monitor.timings}
         for i, row in zip(good, rows):
             self._finish(results[i], row, params)
         return results
