@@ -100,8 +100,10 @@ def method_reference(model, reqs, new_tokens):
     return torch.cat(tokens, 1).tolist()
 
 
-def method_hf(model, reqs, new_tokens):
+def method_hf(model, reqs, new_tokens, timings=None):
+    start = time.perf_counter()
     inputs = prefix_reference_way(model, reqs)
+    prefix_done = time.perf_counter()
     mask = inputs.attention_mask
     if mask is None:
         mask = torch.ones(inputs.inputs_embeds.shape[:2], dtype=torch.long)
@@ -109,11 +111,14 @@ def method_hf(model, reqs, new_tokens):
     out = model.decoder.language_model.generate(
         inputs_embeds=inputs.inputs_embeds, attention_mask=mask, max_new_tokens=new_tokens,
         min_new_tokens=new_tokens, do_sample=False, eos_token_id=ends, pad_token_id=ends[0])
+    if timings is not None:
+        timings.update(prefix=prefix_done - start, generate=time.perf_counter() - prefix_done)
     return out.tolist()
 
 
-def method_engine(engine, reqs, new_tokens):
-    params = engine.params(max_new_tokens=new_tokens, min_new_tokens=new_tokens, batch_size=len(reqs))
+def method_engine(engine, reqs, new_tokens, encoder_batch="auto"):
+    params = engine.params(max_new_tokens=new_tokens, min_new_tokens=new_tokens, batch_size=len(reqs),
+                           encoder_batch=encoder_batch)
     return [g.tokens for g in engine.run(reqs, params)]
 
 
@@ -125,12 +130,17 @@ def _status_kib(field: str) -> int:
 def memory_of_one_method(args) -> None:
     """Child process: build the model, run one method, print RSS before the model, after it, and the peak."""
     torch.set_num_threads(args.threads)
-    # libraries first, so that 'before' holds the interpreter, torch, transformers and the audio code
+    # libraries first, so that 'before' holds the interpreter, torch, transformers and the audio code,
+    # including what HTS-AT's front end loads on first use (librosa's filters, numba, scipy: ~150 MiB):
+    # a tiny HTS-AT is built and dropped
     import transformers.models.llama.modeling_llama  # noqa: F401
 
-    from alm_kit.encoders.htsat import HTSATEncoder  # noqa: F401
+    from alm_kit.encoders.htsat import HTSATEncoder
     from alm_kit.inference.engine import InferenceEngine
 
+    HTSATEncoder(HTSATEncoder.Config(sample_rate=16000, window_size=64, hop_size=16, mel_bins=4, fmax=8000,
+                                     spec_size=16, embed_dim=4, depths=[1], num_heads=[1], swin_window=2,
+                                     num_classes=2))
     before = _status_kib("VmRSS")
     model, recipe, _ = build_mellow()
     reqs = requests(args.batch)
@@ -141,7 +151,7 @@ def memory_of_one_method(args) -> None:
         elif args.only == "b":
             method_hf(model, reqs, args.new_tokens)
         else:
-            method_engine(InferenceEngine(model, recipe.generation), reqs, args.new_tokens)
+            method_engine(InferenceEngine(model, recipe.generation), reqs, args.new_tokens, args.encoder_batch)
     print(json.dumps({"before_model": before, "loaded": loaded, "peak": _status_kib("VmHWM")}))
 
 
@@ -149,7 +159,8 @@ def peak_memory(args, method: str) -> dict:
     """Peak resident memory of one method, each in a fresh process (the allocator keeps what earlier
     methods freed, so one process cannot tell the methods apart)."""
     command = [sys.executable, __file__, "--only", method, "--batch", str(args.batch), "--new-tokens",
-               str(args.new_tokens), "--ref-tokens", str(args.ref_tokens), "--threads", str(args.threads)]
+               str(args.new_tokens), "--ref-tokens", str(args.ref_tokens), "--threads", str(args.threads),
+               "--encoder-batch", str(args.encoder_batch)]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -160,6 +171,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--ref-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--encoder-batch", default="auto", type=lambda v: v if v in ("auto", "all") else int(v),
+                        help="the engine's generation.encoder_batch: auto, all or clips per encoder pass")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-method peak memory runs")
     parser.add_argument("--only", choices=["a", "b", "c"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -181,11 +194,13 @@ def main() -> None:
         method_engine(engine, reqs[:2], 2)  # warm-up (allocator, kernels), not timed
         rows = []
         outputs = {}
+        hf_timings: dict[str, float] = {}
         for label, run, n in (("(a) reference: no KV cache", lambda: method_reference(model, reqs, args.ref_tokens),
                                args.ref_tokens),
-                              ("(b) transformers generate", lambda: method_hf(model, reqs, args.new_tokens),
+                              ("(b) transformers generate", lambda: method_hf(model, reqs, args.new_tokens, hf_timings),
                                args.new_tokens),
-                              ("(c) alm-kit engine", lambda: method_engine(engine, reqs, args.new_tokens),
+                              ("(c) alm-kit engine",
+                               lambda: method_engine(engine, reqs, args.new_tokens, args.encoder_batch),
                                args.new_tokens)):
             start = time.perf_counter()
             outputs[label[:3]] = run()
@@ -199,6 +214,11 @@ def main() -> None:
         print(f"{label:<30} {n:>8} {seconds:>8.2f} {rate:>8.1f}")
     rate = {r[0][:3]: r[3] for r in rows}
     print(f"\n(c)/(b) = {rate['(c)'] / rate['(b)']:.2f}x (target >= 1.3x)    (c)/(a) = {rate['(c)'] / rate['(a)']:.1f}x")
+    t = engine.last_timings
+    print(f"where the time went: (b) audio + prefix {hf_timings['prefix']:.2f} s, generate (prefill + "
+          f"{args.new_tokens - 1} steps) {hf_timings['generate']:.2f} s;  (c) audio {t['audio']:.2f} s, layout "
+          f"{t['layout']:.2f} s, prefill {t['prefill']:.2f} s, {t['steps']:.0f} steps {t['decode']:.2f} s "
+          f"({t['decode'] / max(t['steps'], 1) * 1e3:.1f} ms/step), encoder_batch {args.encoder_batch}")
     if not args.no_memory:
         print(f"\npeak memory, each method in a fresh process (MiB; 'model + run' = peak RSS minus the RSS "
               f"before the model was built, libraries loaded; weights {weights / 2**20:.0f} MiB):")
