@@ -95,7 +95,7 @@ def _check_clip_count(model: AudioLanguageModel, request: Request, where: str) -
 
 
 #: clips per encoder pass on a CPU with ``encoder_batch: auto``. HTS-AT on 16 ten-second clips ran
-#: 1.6x faster in passes of 2-4 clips than in one pass on a 2-core CPU (large activations stop
+#: 1.2-1.6x faster in passes of 2-4 clips than in one pass on a 2-core CPU (large activations stop
 #: fitting the caches) and needs half the activation memory: ``benchmarks/pass_sizes.py``.
 CPU_ENCODER_BATCH = 4
 
