@@ -99,7 +99,7 @@ def test_rerun_reuses_answers_of_the_same_checkpoint_and_settings(bench, engine,
     gen = GenerationConfig(batch_size=2)
     evaluate_benchmark(FAKE_MODEL, gen, bench, checkpoint="ck1", out_dir=out, progress=False)
     engine.asked.clear()
-    again = evaluate_benchmark(FAKE_MODEL, dataclasses.replace(gen, batch_size=8), bench, checkpoint="ck1",
+    again = evaluate_benchmark(FAKE_MODEL, dataclasses.replace(gen, batch_size=8, encoder_batch=1), bench, checkpoint="ck1",
                                out_dir=out, progress=False)
     assert engine.asked == [] and again.reused == 3 and again.correct == [True, False, True, False, False]
     # failed items are retried: the missing file appears
