@@ -132,9 +132,10 @@ class AudioLanguageModel(nn.Module):
         features = {}
         for name, enc in self.encoders.items():
             wave, length = waveforms[name].to(device), lengths[name].to(device)
-            step = clips_per_pass or max(len(wave), 1)
+            clips = max(len(wave), 1)
+            step = clips_per_pass or clips
             features[name] = AudioFeatures.cat([enc(wave[s : s + step], length[s : s + step])
-                                                for s in range(0, max(len(wave), 1), step)])
+                                                for s in range(0, clips, step)])
         return features
 
     def batch_features(self, batch: Batch) -> dict[str, AudioFeatures]:

@@ -35,10 +35,9 @@ def skip_attention_maps(module) -> None:
     """Stop laion's Swin stages from keeping every block's attention map.
 
     When not training, laion's ``BasicLayer`` appends each block's attention map to a list,
-    concatenates and averages them for visualisation; nothing in alm-kit reads them, and on a
-    batch of 10 s clips they are the largest tensors of the pass (about 12 MiB per clip in the
-    first stage). ``BasicLayer.training`` only decides that; its blocks (dropout, drop-path) keep
-    their own mode, so marking the stages as training changes no output.
+    concatenates and averages them for visualisation (4 MiB per 10 s clip and block in the first
+    stage); nothing in alm-kit reads them. ``BasicLayer.training`` only decides that; its blocks
+    (dropout, drop-path) keep their own mode, so marking the stages as training changes no output.
     """
     for layer in module.modules():
         if type(layer).__name__ == "BasicLayer" and type(layer).__module__.startswith(_PACKAGE):

@@ -104,7 +104,7 @@ def clips_per_pass(params: GenerationConfig, device: torch.device) -> int | None
     """``generation.encoder_batch`` resolved for ``device``; None = every clip in one pass."""
     if params.encoder_batch == "all" or (params.encoder_batch == "auto" and device.type == "cuda"):
         return None
-    return CPU_ENCODER_BATCH if params.encoder_batch == "auto" else int(params.encoder_batch)
+    return CPU_ENCODER_BATCH if params.encoder_batch == "auto" else params.encoder_batch
 
 
 def context_length(model: AudioLanguageModel) -> int | None:
@@ -190,6 +190,7 @@ class InferenceEngine:
         """One batch: every request in one prefix and one decode loop."""
         model = self.model
         results = [Generation(id=r.id or str(i)) for i, r in enumerate(requests)]
+        self.last_timings = {}
         start = time.perf_counter()
         good, refs, distinct, errors = self._prepare(requests, params)
         for i, error in enumerate(errors):
