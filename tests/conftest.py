@@ -63,6 +63,12 @@ def write_tone(path, freq: float = 440.0, seconds: float = 1.0, rate: int = 1600
     return str(path)
 
 
+def assert_differs(a, b, atol: float = 1e-4) -> None:
+    """``a`` and ``b`` differ clearly: some element by more than ``atol`` (not by round-off)."""
+    gap = (a.float() - b.float()).abs().max().item()
+    assert gap > atol, f"expected a clear difference, the largest is {gap:.3g} (<= {atol})"
+
+
 @pytest.fixture
 def tiny_recipe():
     from alm_kit.config.loader import recipe_from_dict
@@ -87,6 +93,20 @@ def tone_dataset(tmp_path):
     manifest = tmp_path / "train.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return manifest
+
+
+@pytest.fixture(autouse=True)
+def _seeded_rngs():
+    """Every test starts from the same global RNG state, whatever ran before it (test order and
+    which tests were selected do not change what a test draws)."""
+    import random
+
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
 
 
 @pytest.fixture(autouse=True, scope="session")

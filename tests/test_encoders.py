@@ -18,7 +18,7 @@ from alm_kit.encoders.htsat import HTSATEncoder
 from alm_kit.encoders.whisper import WhisperEncoder, frames_for, whisper_dims
 from alm_kit.interfaces import AudioFeatures, AudioSpec, StreamInfo
 from alm_kit.model import build_model
-from tests.conftest import TINY_HTSAT, TINY_LLAMA
+from tests.conftest import TINY_HTSAT, TINY_LLAMA, assert_differs
 
 TINY_WHISPER = {"size": "tiny", "n_state": 64, "n_head": 2, "n_layer": 3}
 #: a very small CLAP HTS-AT at CLAP's 48 kHz / hop 480: 2.4 s = 241 mel frames (<= 64 x 4)
@@ -81,7 +81,7 @@ def test_whisper_batch_padding_does_not_change_real_frames(whisper_enc):
     plain.load_state_dict(whisper_enc.state_dict())
     with torch.no_grad():
         windowed = plain(batch, torch.tensor([48000, 16000]))
-    assert not torch.allclose(windowed.frames[1, :50], alone.frames[0], atol=1e-3)
+    assert_differs(windowed.frames[1, :50], alone.frames[0], atol=1e-3)
     assert windowed.mask[1].sum() == 50
 
 
@@ -113,7 +113,7 @@ def test_whisper_layer_taps_mix_hidden_states(whisper_enc):
         last = whisper_enc(wave, torch.tensor([32000])).frames
         mixed = taps(wave, torch.tensor([32000])).frames
     assert mixed.shape == last.shape
-    assert not torch.allclose(mixed, last, atol=1e-3)
+    assert_differs(mixed, last, atol=1e-3)
     # independent check of the indexing: hidden state 2 = after two of whisper's own blocks
     one = WhisperEncoder(WhisperEncoder.Config(pad="none", layers=[2], **TINY_WHISPER)).eval()
     one.encoder.load_state_dict(whisper_enc.encoder.state_dict())
@@ -165,7 +165,7 @@ def test_whisper_checkpoint_round_trip(tmp_path):
         expected = source.embed_audio(log_mel_spectrogram(wave[0])[None])
         fresh = WhisperEncoder(WhisperEncoder.Config(size="tiny", n_state=32, n_head=2, n_layer=2))
         assert not fresh.has_pretrained_weights
-        assert not torch.allclose(fresh(wave, torch.tensor([32000])).frames, expected, atol=1e-3)
+        assert_differs(fresh(wave, torch.tensor([32000])).frames, expected, atol=1e-3)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="size 'base'"):
         WhisperEncoder(WhisperEncoder.Config(checkpoint=str(path), size="base"))
@@ -184,7 +184,7 @@ def test_clap_tiny_shapes_and_normalised_embedding(clap_enc):
     assert out.frames.shape == (2, 512, 32) and out.pooled.shape == (2, 16)
     assert out.mask[0].all() and out.mask[1].sum() == 256
     torch.testing.assert_close(out.pooled.norm(dim=-1), torch.ones(2))
-    assert not torch.allclose(raw.norm(dim=-1), torch.ones(2), atol=1e-2)  # normalising is a real step
+    assert_differs(raw.norm(dim=-1), torch.ones(2), atol=1e-2)  # normalising is a real step
     torch.testing.assert_close(out.pooled, raw / raw.norm(dim=-1, keepdim=True))
     # without frames: one frame, the embedding itself
     single = CLAPAudioEncoder(CLAPAudioEncoder.Config(**TINY_CLAP)).eval()
@@ -234,7 +234,7 @@ def test_clap_checkpoint_round_trip(tmp_path, clap_enc):
         c = clap_enc(wave, torch.tensor([115200]))
     torch.testing.assert_close(b.pooled, a.pooled)
     torch.testing.assert_close(b.frames, a.frames)
-    assert not torch.allclose(c.pooled, a.pooled, atol=1e-3)  # different random init really differs
+    assert_differs(c.pooled, a.pooled, atol=1e-3)  # different random init really differs
     torch.save({"state_dict": {"text_branch.x": torch.zeros(1)}}, tmp_path / "text_only.pt")
     with pytest.raises(ValueError, match="no CLAP audio weights"):
         CLAPAudioEncoder(CLAPAudioEncoder.Config(checkpoint=str(tmp_path / "text_only.pt"), **TINY_CLAP))

@@ -15,7 +15,7 @@ from alm_kit.data.batch import AudioTextDataset, collate
 from alm_kit.data.manifest import read_manifest
 from alm_kit.training.data import epoch_batches, padding_fraction
 from alm_kit.training.engine import Trainer, TrainingError, train
-from tests.conftest import tiny_recipe_dict
+from tests.conftest import assert_differs, tiny_recipe_dict
 
 #: 8 examples in batches of 2: an epoch is 4 steps, so 6 steps cross an epoch boundary
 RUN = {"training.max_steps": 6, "training.batch_size": 2, "training.lr": 1e-2, "training.warmup_steps": 1}
@@ -171,7 +171,7 @@ def test_export_merges_lora_into_a_model_that_loads_without_adapters(tone_datase
     # the adapters did change the weights they were merged into
     lora_state, merged_state = lora.state_dict(), merged.state_dict()
     base = next(k for k in lora_state if k.endswith("q_proj.base_layer.weight"))
-    assert not torch.allclose(merged_state[base.replace(".base_layer", "")], lora_state[base], atol=1e-6)
+    assert_differs(merged_state[base.replace(".base_layer", "")], lora_state[base], atol=1e-6)
 
 
 def test_length_bucketing_pads_less_than_random_batches_and_is_deterministic():
