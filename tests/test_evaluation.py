@@ -118,6 +118,22 @@ def test_rerun_reuses_answers_of_the_same_checkpoint_and_settings(bench, engine,
     assert sorted(engine.asked) == ["q1", "q2", "q3"]
 
 
+def test_answers_are_keyed_on_the_audio_content_not_its_path(bench, engine, tmp_path):
+    out = tmp_path / "out"
+    gen = GenerationConfig(batch_size=2)
+    evaluate_benchmark(FAKE_MODEL, gen, bench, checkpoint="ck1", out_dir=out, progress=False, limit=3)
+    # new bytes under the same names: those two items are answered again, the third is reused
+    write_tone(bench.parent / "a" / "1.wav", 1234.0, 0.5)
+    write_tone(bench.parent / "a" / "3.wav", 777.0, 0.7)
+    engine.asked.clear()
+    again = evaluate_benchmark(FAKE_MODEL, gen, bench, checkpoint="ck1", out_dir=out, progress=False, limit=3)
+    assert sorted(engine.asked) == ["q1", "q3"] and again.reused == 1
+    # the same bytes again: everything reused
+    engine.asked.clear()
+    assert evaluate_benchmark(FAKE_MODEL, gen, bench, checkpoint="ck1", out_dir=out, progress=False,
+                              limit=3).reused == 3 and engine.asked == []
+
+
 def test_option_match_formats_score_exact_options(tmp_path, engine):
     (tmp_path / "question").mkdir()
     (tmp_path / "audio").mkdir()

@@ -372,6 +372,33 @@ def test_generate_cli_answers_a_jsonl_file_and_resumes(checkpoint, tones, tmp_pa
     assert "0 answered, 1 failed, 5 already there" in capsys.readouterr().out
 
 
+def test_generate_file_results_win_over_input_fields(checkpoint, tones, tmp_path):
+    """A manifest's gold answer (or any field named like a result) must never pass for the model's."""
+    import json
+
+    from alm_kit import ALM
+    from alm_kit.cli import main
+
+    source = tmp_path / "train.jsonl"
+    rows = [{"id": f"q{i}", "audio": [tones[i % 4]], "prompt": f"question {i}", "response": "gold",
+             "answer": "GOLD", "text": "GOLD TEXT", "thought": "gold thought", "finish_reason": "gold",
+             "error": "gold error", "task": "count"} for i in range(3)]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--checkpoint", str(checkpoint), "--input", str(source), "--output", str(out),
+                 "--quiet", "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    alm = ALM.from_pretrained(checkpoint, device="cpu")
+    for record, row in zip(map(json.loads, out.read_text().splitlines()), rows):
+        mine = alm.generate([row["audio"][0]], row["prompt"], max_new_tokens=3)
+        assert (record["answer"], record["text"]) == (mine.answer, mine.text)
+        assert record["thought"] is None and record["error"] is None
+        assert record["finish_reason"] in ("stop", "length")
+        # the input's fields are kept under their own names, or input_<name> where they clash
+        assert record["task"] == "count" and record["response"] == "gold"
+        assert (record["input_answer"], record["input_text"], record["input_error"]) == (
+            "GOLD", "GOLD TEXT", "gold error")
+
+
 def test_generate_cli_one_example_prints_the_answer(checkpoint, tones, capsys):
     import json
 

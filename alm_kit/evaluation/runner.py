@@ -2,8 +2,8 @@
 
 Answers are appended to ``OUT_DIR/predictions.jsonl`` after every batch, keyed by the checkpoint's
 content, the generation settings, the prompt template, the device type and each item's prompt and
-audio paths; a re-run with the same key answers only what is missing (an interrupted run resumes,
-a changed setting starts afresh). Items whose audio is missing or unreadable fail on their own:
+audio *contents* (a clip whose bytes changed is answered again); a re-run with the same key answers
+only what is missing (an interrupted run resumes, a changed setting starts afresh). Items whose audio is missing or unreadable fail on their own:
 they are listed, count as wrong, and are retried by the next run.
 """
 
@@ -24,7 +24,7 @@ from alm_kit.errors import AlmKitError
 from alm_kit.evaluation.formats import BenchItem, Benchmark, read_benchmark, write_annotated
 from alm_kit.evaluation.prompts import mcq_prompt, resolve_template
 from alm_kit.evaluation.scoring import RULES, accuracy_table, format_table
-from alm_kit.hashing import update_with_file
+from alm_kit.hashing import file_sha256, update_with_file
 
 PREDICTIONS = "predictions.jsonl"
 RESULTS = "results.json"
@@ -78,8 +78,9 @@ def run_key(checkpoint: str, gen: GenerationConfig, template: str, device: str) 
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def item_key(key: str, prompt: str, audio: Sequence[Path]) -> str:
-    blob = "\0".join([key, prompt, *map(str, audio)])
+def item_key(key: str, prompt: str, audio_hashes: Sequence[str]) -> str:
+    """An item's cache key: the run's key, the prompt and the content hash of each clip."""
+    blob = "\0".join([key, prompt, *audio_hashes])
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -147,16 +148,21 @@ def evaluate_benchmark(model, gen: GenerationConfig, benchmark: Benchmark | str 
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     cache = _read_cache(cache_path, key) if cache_path is not None and reuse else {}
-    keys = {item.index: item_key(key, prompts[item.index], item.audio) for item in items}
-
     predictions: dict[int, str] = {}
     errors: dict[int, str] = {}
     todo: list[BenchItem] = []
+    keys: dict[int, str] = {}
+    hashes: dict[Path, str] = {}  # a clip shared by several items is read once
     for item in items:
         missing = [str(a) for a in item.audio if not a.is_file()]
         if missing:
             errors[item.index] = f"audio file not found: {', '.join(missing)}"
-        elif keys[item.index] in cache:
+            continue
+        for clip in item.audio:
+            if clip not in hashes:
+                hashes[clip] = file_sha256(clip)
+        keys[item.index] = item_key(key, prompts[item.index], [hashes[clip] for clip in item.audio])
+        if keys[item.index] in cache:
             predictions[item.index] = cache[keys[item.index]]
         else:
             todo.append(item)

@@ -3,7 +3,9 @@
 Input lines are manifest records without a response (docs/data.md):
 ``{"id": "...", "audio": "a.wav" | ["a.wav", "b.wav"], "prompt": "..."}``; audio paths are
 relative to the input file. Each output line repeats the id, audio and prompt and adds
-``text``, ``answer``, ``thought``, ``finish_reason`` and ``error``. Answers are appended
+``text``, ``answer``, ``thought``, ``finish_reason`` and ``error``; the input's other fields are kept,
+and one whose name is a result field (a manifest's gold ``answer``, say) is kept as ``input_<name>``, so
+the result fields are always the model's. Answers are appended
 after every batch, so an interrupted run loses at most one batch; a re-run skips the ids
 already in the output (``retry_errors`` re-runs the ones that failed).
 """
@@ -48,10 +50,17 @@ def answered_ids(output: Path, *, retry_errors: bool) -> set[str]:
     return done
 
 
+#: the fields of an output line that alm-kit writes; an input field of the same name is renamed
+RESULT_FIELDS = ("id", "audio", "prompt", "text", "answer", "thought", "finish_reason", "error")
+
+
 def _record(request: Request, result: Generation) -> dict:
-    return {"id": request.id, "audio": [str(a) for a in request.audio], "prompt": request.prompt,
+    """The output line: the input's extra fields first (renamed ``input_<name>`` where they would
+    shadow a result field), then the result, which always wins."""
+    kept = {(f"input_{k}" if k in RESULT_FIELDS else k): v for k, v in request.meta.items()}
+    return {**kept, "id": request.id, "audio": [str(a) for a in request.audio], "prompt": request.prompt,
             "text": result.text, "answer": result.answer, "thought": result.thought,
-            "finish_reason": result.finish_reason, "error": result.error, **request.meta}
+            "finish_reason": result.finish_reason, "error": result.error}
 
 
 def generate_file(engine: InferenceEngine, source: str | Path, output: str | Path, params: GenerationConfig, *,
@@ -64,7 +73,9 @@ def generate_file(engine: InferenceEngine, source: str | Path, output: str | Pat
         raise ManifestError(f"{source}: ids must be unique to resume, repeated: {', '.join(repeated[:5])}")
     drop_partial_line(output)
     done = answered_ids(output, retry_errors=retry_errors)
-    todo = [Request(audio=list(e.audio), prompt=e.prompt, id=e.id, meta=e.meta) for e in examples if e.id not in done]
+    todo = [Request(audio=list(e.audio), prompt=e.prompt, id=e.id,
+                    meta=e.meta if e.response is None else {"response": e.response, **e.meta})
+            for e in examples if e.id not in done]
     if retry_errors and output.exists():
         # keep the good answers, drop the failed ones that are about to be retried
         keep = [line for line in output.read_text().splitlines()
