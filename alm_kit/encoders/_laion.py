@@ -44,6 +44,23 @@ def skip_attention_maps(module) -> None:
             layer.training = True
 
 
+def fix_front_end(module) -> None:
+    """Make the STFT and mel filterbank of torchlibrosa (which laion's code uses) constants.
+
+    torchlibrosa keeps its DFT kernels and mel matrix as parameters that it freezes itself; a
+    component trained in ``full`` mode would unfreeze them, train its signal processing and leave an
+    unsynchronised gradient for DDP. As buffers they keep their state-dict names (checkpoints load
+    either way) and never train.
+    """
+    for outer in list(module.modules()):
+        if not type(outer).__module__.startswith("torchlibrosa.stft"):
+            continue
+        for inner in outer.modules():
+            for name, param in list(inner.named_parameters(recurse=False)):
+                delattr(inner, name)
+                inner.register_buffer(name, param.detach())
+
+
 class NoAttentionMaps:
     """Mixin for encoders built on laion's Swin code: :func:`skip_attention_maps` in every mode."""
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from alm_kit.encoders._laion import NoAttentionMaps, clap_module
+from alm_kit.encoders._laion import NoAttentionMaps, clap_module, fix_front_end
 from alm_kit.interfaces import AudioFeatures, AudioSpec, Encoder, StreamInfo
 from alm_kit.nn.masks import frames_mask
 
@@ -173,6 +173,7 @@ class CLAPAudioEncoder(NoAttentionMaps, Encoder):
             self.audio_projection = nn.Sequential(
                 nn.Linear(width, config.joint_dim), nn.ReLU(), nn.Linear(config.joint_dim, config.joint_dim)
             )
+        fix_front_end(self.audio_branch)
         if not config.spec_augment:
             self.audio_branch.spec_augmenter = nn.Identity()
         if config.checkpoint:

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from alm_kit.encoders._laion import NoAttentionMaps, clap_module
+from alm_kit.encoders._laion import NoAttentionMaps, clap_module, fix_front_end
 from alm_kit.interfaces import AudioFeatures, AudioSpec, Encoder, StreamInfo
 from alm_kit.nn.masks import frames_mask
 
@@ -83,6 +83,7 @@ class HTSATEncoder(NoAttentionMaps, Encoder):
                 num_heads=list(config.num_heads), window_size=config.swin_window,
                 drop_path_rate=config.drop_path_rate, config=audio_cfg,
             )
+        fix_front_end(self.htsat)
         if not config.spec_augment:
             self.htsat.spec_augmenter = torch.nn.Identity()
         if config.checkpoint:

@@ -136,6 +136,30 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return factor
 
 
+def unreached_parameters(model: AudioLanguageModel, objective, batch, cfg, device: torch.device) -> list[str]:
+    """Names of the trainable parameters that ``objective``'s loss on ``batch`` does not depend on.
+
+    One forward pass in training mode and ``torch.autograd.grad(allow_unused=True)``; buffers (BatchNorm
+    statistics) and RNG streams are put back, so the run continues as if it had not happened.
+    """
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        return []
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    saved_rng = rng_state()
+    model.train()
+    try:
+        with autocast_for(device, cfg.precision):
+            loss = objective(model, batch, max_response_tokens=cfg.max_response_tokens).loss
+        grads = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+        set_rng_state(saved_rng)
+    return [name for (name, _), grad in zip(trainable, grads) if grad is None]
+
+
 class TrainingError(AlmKitError):
     """A run cannot go on (non-finite loss, no data); the message says where and what is intact."""
 
@@ -166,6 +190,8 @@ class Trainer:
         self.wrapped: torch.nn.Module = self.model
         self.cache: FeatureCache | None = None
         self._stop_requested = False
+        #: trainable parameters the loss never reaches, frozen before training (see _leave_out_unreached)
+        self.left_out: list[str] = []
 
     def log(self, message: str) -> None:
         if self.progress:
@@ -243,6 +269,37 @@ class Trainer:
         if self.world.enabled and self.world.is_main:
             torch.distributed.barrier()
 
+    # ------------------------------------------------------------------ unreached parameters
+    def _leave_out_unreached(self, batch, state: dict[str, Any] | None) -> None:
+        """Freeze every trainable parameter that the loss does not depend on (HTS-AT's classifier head
+        when its SED posteriors are the output, say), so that it is in neither the optimizer nor
+        DDP's gradient reduction: AdamW would keep no state for it (a checkpoint then lacks its
+        state) and DDP would wait for its gradient forever.
+
+        Which parameters those are is read off the autograd graph of one forward pass on the first
+        batch, united over the ranks; model, RNG streams and data position are left as they were.
+        A resumed run takes the list its checkpoint recorded, so it trains exactly what the
+        interrupted run trained.
+        """
+        params = dict(self.model.named_parameters())
+        if state is not None and "left_out" in state:
+            names = list(state["left_out"])
+        else:
+            names = unreached_parameters(self.model, self.objective, batch, self.recipe.training, self.device)
+            if self.world.enabled:  # a parameter reached on any rank stays
+                reached = torch.tensor([n not in names for n in params if params[n].requires_grad],
+                                       dtype=torch.float32, device=self.device)
+                torch.distributed.all_reduce(reached, op=torch.distributed.ReduceOp.MAX)
+                trainable = [n for n in params if params[n].requires_grad]
+                names = [n for n, hit in zip(trainable, reached.tolist()) if not hit]
+        for name in names:
+            params[name].requires_grad_(False)
+        self.left_out = names
+        if names:
+            count = sum(params[n].numel() for n in names)
+            shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+            self.log(f"left out of training {count:,} parameters that the loss never reaches: {shown}")
+
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_to_resume(self) -> Path | None:
         latest = self.checkpoints.latest()
@@ -283,7 +340,8 @@ class Trainer:
         if not self.world.is_main:
             return None
         trainer_state = {"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(),
-                         "data": data.state_dict(), "rng": rngs, "world_size": self.world.size}
+                         "data": data.state_dict(), "rng": rngs, "world_size": self.world.size,
+                         "left_out": list(self.left_out)}
         path = save_checkpoint(self.model, self.recipe, self.checkpoints.path(step), {"step": step},
                                state=state, trainer_state=trainer_state)
         self.checkpoints.mark_latest(path)
@@ -391,6 +449,12 @@ class Trainer:
 
         data = self._shard_data(shards, valid) if shards else self._training_data(examples, valid)
         state = self._restore_weights(resume_from) if resume_from else None
+        if state is not None:
+            data.load_state_dict(state["data"])
+        batches = iter(data)
+        first = next(batches)
+        self._leave_out_unreached(first, state)
+        batches = itertools.chain([first], batches)
         if cfg.compile:
             self.model.decoder.compile()
         self.wrapped = distributed.wrap(self.model, world)
@@ -407,7 +471,6 @@ class Trainer:
         if state is not None:
             distributed.load_optimizer_state(self.model, optimizer, state["optimizer"], world)
             scheduler.load_state_dict(state["scheduler"])
-            data.load_state_dict(state["data"])
             rngs = state["rng"]
             set_rng_state(rngs[world.rank] if len(rngs) == world.size else rngs[0])
             step = int(state["step"])
@@ -422,7 +485,6 @@ class Trainer:
                              rejected_examples=before - len(examples))
         self.model.train()
         accum = cfg.grad_accum_steps
-        batches = iter(data)
         saved_step = step if state else None
         samples, truncated, started = 0, 0, time.perf_counter()
         bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not self.progress)
