@@ -17,7 +17,7 @@ def _recipe(path: str, overrides: Sequence[str]):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from alm_kit.evaluation.mcq import format_table
+    from alm_kit.evaluation.scoring import format_table
     from alm_kit.training.engine import train
 
     recipe = _recipe(args.recipe, args.overrides)
@@ -162,7 +162,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from alm_kit.errors import AlmKitError
     from alm_kit.evaluation.formats import read_benchmark
     from alm_kit.evaluation.runner import checkpoint_fingerprint, evaluate_benchmark
-    from alm_kit.training.engine import resolve_device
+    from alm_kit.runtime import resolve_device
 
     if args.plot:
         from alm_kit.evaluation.plots import _pyplot
@@ -231,7 +231,8 @@ def cmd_recipe_show(args: argparse.Namespace) -> int:
 
 def cmd_recipe_validate(args: argparse.Namespace) -> int:
     from alm_kit.config.loader import origin_of
-    from alm_kit.model import model_entries, resolve_component
+    from alm_kit.model import model_entries
+    from alm_kit.registry.build import resolve_component
 
     recipe = _recipe(args.recipe, args.overrides)
     model = recipe.model

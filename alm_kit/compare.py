@@ -162,7 +162,8 @@ def compare(sources: list[str | Path], eval_file: str | Path | None = None, *, s
     """
     from alm_kit.checkpoint import load_checkpoint, resolve_checkpoint
     from alm_kit.config.loader import load_recipe
-    from alm_kit.evaluation.mcq import evaluate_file, read_mcq
+    from alm_kit.evaluation.formats import read_benchmark
+    from alm_kit.evaluation.runner import evaluate_file
     from alm_kit.training.engine import Trainer
 
     if not sources:
@@ -201,7 +202,7 @@ def compare(sources: list[str | Path], eval_file: str | Path | None = None, *, s
         if eval_file is None:
             raise AlmKitError("compare: no test file: pass --eval TEST_FILE (MMAU format)")
         eval_file = Path(eval_file)
-        items = read_mcq(eval_file)
+        items = read_benchmark(eval_file).items
         evaluation = evaluate_file(model, eval_file, recipe.generation, limit=limit, progress=progress)
         trainable, total = parameter_counts(model)
         results.append(CompareResult(

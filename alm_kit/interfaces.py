@@ -110,6 +110,10 @@ class AudioTokens:
     mask: Tensor  # (clips, N) bool
 
 
+#: the label of a position that carries no loss (PyTorch's cross-entropy ``ignore_index``)
+IGNORE = -100
+
+
 @dataclass
 class DecoderInputs:
     """What a layout hands to the decoder."""
@@ -117,7 +121,7 @@ class DecoderInputs:
     inputs_embeds: Tensor  # (B, L, d)
     attention_mask: Tensor | None  # (B, L) long, 1 = attend; None = attend everywhere (Mellow compat)
     position_ids: Tensor | None  # (B, L)
-    labels: Tensor | None  # (B, L), -100 where no loss; labels[t] is the target AT position t
+    labels: Tensor | None  # (B, L), IGNORE (-100) where no loss; labels[t] is the target AT position t
     #: responses cut to the training's max_response_tokens (reported by the trainer)
     truncated: int = 0
     #: the token ids the layout placed (the inference engine reads the prompt's end from them)

@@ -7,35 +7,26 @@ recipe names and how each is trained.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from alm_kit.config.parse import ConfigError, parse_dataclass
+from alm_kit.config.parse import ConfigError
 from alm_kit.config.schema import ComponentConfig, ModelConfig
 from alm_kit.data.batch import Batch
-from alm_kit.interfaces import AudioFeatures, AudioSpec, AudioTokens, DecoderInputs, PromptContext, TextInputs
-from alm_kit.layouts.sequence import IGNORE
-from alm_kit.registry import DuplicateComponentError, Registry, UnknownComponentError, get_registry
-
-
-def resolve_component(kind: str, spec: ComponentConfig, key: str, *, registry: Registry | None = None,
-                      origin=None) -> tuple[type, Any]:
-    """The component class named by ``spec.name`` and ``spec.params`` validated into its Config.
-
-    Errors name the recipe file and key (``model.projector.params.dropout``).
-    """
-    registry = registry or get_registry()
-    origin = origin or (lambda _k: None)
-    try:
-        cls = registry.load(kind, spec.name)
-    except (UnknownComponentError, DuplicateComponentError) as exc:
-        raise ConfigError(str(exc), key=f"{key}.name", source=origin(f"{key}.name")) from None
-    return cls, parse_dataclass(cls.Config, spec.params, path=f"{key}.params", origin=origin)
+from alm_kit.interfaces import (
+    IGNORE,
+    AudioFeatures,
+    AudioSpec,
+    AudioTokens,
+    DecoderInputs,
+    PromptContext,
+    TextInputs,
+)
+from alm_kit.registry import Registry
+from alm_kit.registry.build import build_component
 
 
 def model_entries(config: ModelConfig) -> list[tuple[str, ComponentConfig, str]]:
@@ -45,19 +36,6 @@ def model_entries(config: ModelConfig) -> list[tuple[str, ComponentConfig, str]]
         entries.append(("fusion", config.fusion, "model.fusion"))
     return entries + [("projector", config.projector, "model.projector"),
                       ("decoder", config.decoder, "model.decoder"), ("layout", config.layout, "model.layout")]
-
-
-def build_component(kind: str, spec: ComponentConfig, key: str, *args: Any, registry: Registry | None = None,
-                    origin=None, seed: int = 0) -> nn.Module:
-    """Resolve and construct one component.
-
-    Random initialisation is seeded from ``seed`` and the component's key, so a
-    recipe builds the same model every time, whatever was drawn before.
-    """
-    cls, config = resolve_component(kind, spec, key, registry=registry, origin=origin)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
-        return cls(config, *args)
 
 
 @dataclass

@@ -21,9 +21,9 @@ import torch
 
 from alm_kit.config.schema import ComponentConfig
 from alm_kit.interfaces import StreamInfo
-from alm_kit.model import build_component
+from alm_kit.registry.build import build_component
 
-#: laion-clap's fixed STFT and mel weights are nn.Parameters (frozen); counted, and shown apart
+#: laion-clap's fixed STFT and mel weights (buffers in alm-kit: they never train); counted, and shown apart
 FRONT_END = ("spectrogram_extractor", "logmel_extractor")
 #: HTS-AT with CLAP's audio settings (48 kHz, hop 480, 10 s), as TinyGiantALM's event stream
 HTSAT_48K = {"sample_rate": 48000, "hop_size": 480, "clip_seconds": 10.0, "output": "fine_grained"}
@@ -41,9 +41,9 @@ class Row:
 
 
 def count(module: torch.nn.Module) -> tuple[int, int]:
-    total = sum(p.numel() for p in module.parameters())
-    fixed = sum(p.numel() for n, p in module.named_parameters() if any(k in n for k in FRONT_END))
-    return total, fixed
+    """(parameters + fixed front-end weights, the fixed front-end weights): the totals the papers report."""
+    fixed = sum(b.numel() for n, b in module.named_buffers() if any(k in n for k in FRONT_END))
+    return sum(p.numel() for p in module.parameters()) + fixed, fixed
 
 
 def entry_text(name: str, params: dict[str, Any]) -> str:

@@ -44,7 +44,8 @@ def tiny_recipe(path: Path, data: Path, run_dir: Path, *extra: str):
 @pytest.mark.parametrize("name, last_step", [("alarm", "cross_attention"), ("alarm-p", "perceiver")])
 def test_shipped_alarm_recipes_resolve_and_follow_the_paper(name, last_step):
     """Every component resolves (as alm-kit recipe validate); the paper's choices are in place."""
-    from alm_kit.model import model_entries, resolve_component
+    from alm_kit.model import model_entries
+    from alm_kit.registry.build import resolve_component
 
     recipe = load_recipe(RECIPES / f"{name}.yaml")
     model = recipe.model

@@ -11,9 +11,10 @@ from alm_kit.config.loader import recipe_from_dict
 from alm_kit.config.parse import ConfigError
 from alm_kit.decoders.causal_lm import CausalLMDecoder, presets
 from alm_kit.decoders.tiny_tokenizer import build_tiny_tokenizer
+from alm_kit.interfaces import IGNORE
 from alm_kit.layouts.placeholder import PlaceholderLayout
-from alm_kit.layouts.sequence import IGNORE
-from alm_kit.model import build_model, model_entries, resolve_component
+from alm_kit.model import build_model, model_entries
+from alm_kit.registry.build import resolve_component
 from alm_kit.text.thinking import format_cota, split_thinking
 from tests.conftest import TINY_LLAMA, TINY_QWEN3, tiny_recipe_dict, write_tone
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from alm_kit.evaluation.prompts import check_template, mcq_prompt, resolve_template
 from alm_kit.evaluation.scoring import accuracy_table, chosen_option, format_table, option_match, string_match
+from alm_kit.text.mcq import check_template, mcq_prompt, resolve_template
 
 PEOPLE = ["man", "woman", "man and woman", "child"]
 

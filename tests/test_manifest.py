@@ -67,13 +67,13 @@ def test_bad_audio_fails_with_line_and_file_or_is_skipped_and_counted(tmp_path):
 
 
 def test_mcq_file_errors_name_file_and_item(tmp_path):
-    from alm_kit.evaluation.mcq import read_mcq
+    from alm_kit.evaluation.formats import read_benchmark
 
     path = tmp_path / "test.json"
     path.write_text(json.dumps([{"id": "a", "audio_id": "x.wav", "question": "q", "choices": ["a", "b"],
                                  "answer": "a"}, {"id": "b", "audio_id": "x.wav", "question": "q"}]))
     with pytest.raises(ManifestError, match=r"test.json: item 2: missing field\(s\) choices, answer"):
-        read_mcq(path)
+        read_benchmark(path)
     path.write_text(json.dumps([{"audio_id": "x.wav", "question": "q", "choices": ["a", "b"], "answer": "c"}]))
     with pytest.raises(ManifestError, match="is not one of its choices"):
-        read_mcq(path)
+        read_benchmark(path)

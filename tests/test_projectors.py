@@ -310,8 +310,8 @@ def test_tiny_recipe_builds_and_trains(name, monkeypatch):
 
 
 def test_projectors_are_registered_and_validated():
-    from alm_kit.model import build_component
     from alm_kit.registry import get_registry
+    from alm_kit.registry.build import build_component
 
     assert {"qformer", "perceiver", "ebranchformer"} <= set(get_registry().names("projector"))
     with pytest.raises(ConfigError, match="conv_kernel"):

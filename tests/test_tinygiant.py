@@ -12,7 +12,8 @@ from alm_kit.config.loader import load_recipe, recipe_to_dict
 from alm_kit.decoders.causal_lm import presets
 from alm_kit.encoders.whisper import whisper_dims
 from alm_kit.interfaces import StreamInfo
-from alm_kit.model import model_entries, resolve_component
+from alm_kit.model import model_entries
+from alm_kit.registry.build import resolve_component
 from tests.conftest import assert_differs
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -85,7 +86,7 @@ def test_ablations_change_only_what_they_ablate(name):
 @pytest.mark.slow
 def test_tiny_tinygiant_trains_and_generates(tmp_path):
     from alm_kit.checkpoint import load_checkpoint
-    from alm_kit.evaluation.mcq import read_mcq
+    from alm_kit.evaluation.formats import read_benchmark
     from alm_kit.inference.engine import Request, generate
     from alm_kit.training.engine import train
 
@@ -101,7 +102,7 @@ def test_tiny_tinygiant_trains_and_generates(tmp_path):
     assert model.fusion.info.frame_dim == 64 + 32 and model.fusion.info.pooled_dim == 64 + 32 + 16
     assert model.projector.gate.in_features == 16 and model.projector.gate_columns == (96, 112)
     assert model.decoder.lm.config.model_type == "qwen3"
-    items = read_mcq(data / "test.json")
+    items = read_benchmark(data / "test.json").items
     outputs = generate(model, [Request(audio=i.audio, prompt=i.question) for i in items], saved.generation)
     assert len(outputs) == len(items) and all(isinstance(o, str) for o in outputs)
     # the prompt reaches the audio tokens (intent query) through the real model path

@@ -231,7 +231,7 @@ class GenerationConfig:
             raise ValueError("num_beams > 1 is beam search; it cannot be combined with do_sample")
         if self.num_beams > 1 and self.thinking_budget is not None:
             raise ValueError("thinking_budget works with greedy decoding or sampling, not with beam search")
-        from alm_kit.evaluation.prompts import check_template
+        from alm_kit.text.mcq import check_template
 
         check_template(self.mcq_template)
 

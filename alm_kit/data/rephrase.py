@@ -165,7 +165,7 @@ class TextModel(nn.Module):
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__()
-        from alm_kit.model import build_component
+        from alm_kit.registry.build import build_component
 
         options = {"origin": lambda key: origin_of(recipe, key), "seed": recipe.training.seed}
         self.decoder = build_component("decoder", recipe.model.decoder, "model.decoder", **options)
@@ -191,7 +191,7 @@ def load_text_engine(source: str | Path, *, device: str = "auto", overrides: Seq
         return InferenceEngine(alm.model, recipe.generation), recipe
     if source.suffix in (".yaml", ".yml") and source.exists():
         from alm_kit.config import load_recipe
-        from alm_kit.training.engine import resolve_device
+        from alm_kit.runtime import resolve_device
 
         recipe = load_recipe(source, list(overrides))
         model = TextModel(recipe).to(resolve_device(device)).eval()

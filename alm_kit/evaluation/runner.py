@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 from alm_kit.config.schema import GenerationConfig
 from alm_kit.errors import AlmKitError
 from alm_kit.evaluation.formats import BenchItem, Benchmark, read_benchmark, write_annotated
-from alm_kit.evaluation.prompts import mcq_prompt, resolve_template
 from alm_kit.evaluation.scoring import RULES, accuracy_table, format_table
 from alm_kit.hashing import file_sha256, update_with_file
+from alm_kit.text.mcq import mcq_prompt, resolve_template
 
 PREDICTIONS = "predictions.jsonl"
 RESULTS = "results.json"
@@ -213,3 +213,11 @@ def evaluate_benchmark(model, gen: GenerationConfig, benchmark: Benchmark | str 
             for path in plot_table(table, out / PLOTS, title):
                 result.files[f"plot:{path.stem}"] = path
     return result
+
+
+def evaluate_file(model, path: str | Path, gen: GenerationConfig, *, limit: int | None = None,
+                  progress: bool = True) -> dict[str, Any]:
+    """``{"table", "predictions", "failed"}`` for a benchmark file, without output files or the answer
+    cache: the ``data.eval`` score during and after training (missing audio: failed items, not errors)."""
+    result = evaluate_benchmark(model, gen, path, limit=limit, progress=progress)
+    return {"table": result.table, "predictions": result.summary()["predictions"], "failed": result.failed}

@@ -19,7 +19,9 @@ from typing import Any
 
 from torch import nn
 
+from alm_kit.errors import AlmKitError
 from alm_kit.interfaces import AudioFeatures, Fusion, StreamInfo
+from alm_kit.registry.build import resolve_component
 
 
 @dataclass
@@ -40,16 +42,11 @@ class ChainFusion(Fusion):
         resolved: list[tuple[type, Any]] = field(default_factory=list, init=False, repr=False, compare=False)
 
         def __post_init__(self) -> None:
-            from alm_kit.config.parse import ConfigError
-            from alm_kit.config.schema import ComponentConfig
-            from alm_kit.model import resolve_component
-
             if len(self.steps) < 2:
                 raise ValueError("steps must list at least two fusions (a single one goes in model.fusion itself)")
             try:
-                self.resolved = [resolve_component("fusion", ComponentConfig(step.name, dict(step.params)),
-                                                   f"steps.{i}") for i, step in enumerate(self.steps)]
-            except ConfigError as exc:  # reported under model.fusion.params by the caller
+                self.resolved = [resolve_component("fusion", step, f"steps.{i}") for i, step in enumerate(self.steps)]
+            except AlmKitError as exc:  # reported under model.fusion.params by the caller
                 raise ValueError(str(exc)) from None
 
     def __init__(self, config: Config, streams: list[StreamInfo]) -> None:

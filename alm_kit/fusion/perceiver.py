@@ -3,8 +3,8 @@
 Output per clip, with ``framing: together`` (ALARM's code: one learned pair around all latents)
 ``[start, latents_1 (K), ..., latents_n (K), end, main frames]``, or with ``framing: per_stream``
 ``[start_1, latents_1, end_1, start_2, ..., end_n, main frames]``. The start/end vectors are learned, at
-the main stream's width. Each extra stream has its own Perceiver (the ``perceiver`` projector, used with
-the main stream's width as its output width). ALARM runs it on adapted streams (``chain`` after
+the main stream's width. Each extra stream has its own Perceiver resampler (the ``perceiver`` projector's,
+with the main stream's width as its output width). ALARM runs it on adapted streams (``chain`` after
 ``downsample``).
 """
 
@@ -18,14 +18,14 @@ from torch import nn
 
 from alm_kit.fusion.streams import leading_stream
 from alm_kit.interfaces import AudioFeatures, Fusion, StreamInfo
-from alm_kit.projectors.perceiver import PerceiverProjector
+from alm_kit.nn.attention import PerceiverConfig, PerceiverResampler
 
 
 class PerceiverFusion(Fusion):
     """Compress extra streams to ``num_latents`` tokens each and put them (framed) before the main stream."""
 
     @dataclass
-    class Config(PerceiverProjector.Config):
+    class Config(PerceiverConfig):
         """The per-stream Perceiver's options (ALARM's defaults) plus which stream stays whole."""
 
         #: latents per extra stream (ALARM: 20)
@@ -40,7 +40,8 @@ class PerceiverFusion(Fusion):
         super().__init__(config, streams)
         main = leading_stream("perceiver", streams, config.main_stream, "main_stream")
         self.others = [i for i in range(len(streams)) if i != config.main_stream]
-        self.resamplers = nn.ModuleList(PerceiverProjector(config, streams[i], main.frame_dim) for i in self.others)
+        self.resamplers = nn.ModuleList(PerceiverResampler(config, streams[i].frame_dim, main.frame_dim)
+                                        for i in self.others)
         pairs = 1 if config.framing == "together" else len(self.others)
         #: (pairs, 2, width): learned start and end vectors framing the latents
         self.boundaries = nn.Parameter(torch.randn(pairs, 2, main.frame_dim) * 0.02)
@@ -53,7 +54,8 @@ class PerceiverFusion(Fusion):
     def forward(self, features: list[AudioFeatures]) -> AudioFeatures:
         main = features[self.config.main_stream]
         clips = main.frames.shape[0]
-        latents = [self.resamplers[j](features[i]).embeds.to(main.frames.dtype) for j, i in enumerate(self.others)]
+        latents = [self.resamplers[j](features[i].frames, features[i].mask).to(main.frames.dtype)
+                   for j, i in enumerate(self.others)]
         groups = [torch.cat(latents, 1)] if self.config.framing == "together" else latents
         parts = []
         for pair, group in zip(self.boundaries, groups):

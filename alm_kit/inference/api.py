@@ -69,7 +69,7 @@ class ALM:
         """Load an alm-kit checkpoint directory, or build a recipe (.yaml) with its pretrained parts
         (hub ids / local paths) and randomly initialised rest. ``overrides`` are ``key.path=value``
         recipe overrides (recipes only)."""
-        from alm_kit.training.engine import resolve_device
+        from alm_kit.runtime import resolve_device
 
         source = Path(source)
         target = resolve_device(device)

@@ -29,6 +29,7 @@ from alm_kit.errors import AlmKitError, GenerationError
 from alm_kit.inference.decode import RowMonitor, RowOutput, decode, end_token_ids, single_token_id
 from alm_kit.interfaces import AudioFeatures
 from alm_kit.model import AudioLanguageModel
+from alm_kit.runtime import autocast
 from alm_kit.text.thinking import THINK_CLOSE, THINK_OPEN
 
 #: a path, encoded bytes, or a waveform (numpy array or tensor) with its sample rate
@@ -198,9 +199,7 @@ class InferenceEngine:
         if not good:
             return results
         device = model.device
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                    else torch.autocast(device.type, enabled=False))
-        with autocast:
+        with autocast(device):
             batch = Batch(ids=[requests[i].id for i in good], prompts=[requests[i].prompt for i in good],
                           responses=None, clips_per_example=[len(r) for r in refs],
                           clip_keys=[distinct[c].key for ids in refs for c in ids],
@@ -276,7 +275,8 @@ class InferenceEngine:
                             chat: bool = True, system: str | None = None) -> list[Generation]:
         """The decoder alone as a text LLM (no audio): each prompt rendered with the tokenizer's chat
         template (``params.thinking`` reaches templates that know it) or used as it is with ``chat=False``."""
-        from alm_kit.layouts.sequence import IGNORE, Piece, stack
+        from alm_kit.interfaces import IGNORE
+        from alm_kit.nn.sequence import Piece, stack
 
         tok = self.tokenizer
         results = [Generation(id=str(i)) for i in range(len(prompts))]
@@ -299,9 +299,7 @@ class InferenceEngine:
             return results
         device = self.model.device
         decoder = self.model.decoder
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                    else torch.autocast(device.type, enabled=False))
-        with autocast:
+        with autocast(device):
             pieces = []
             for i in good:
                 table = torch.tensor(ids[i], dtype=torch.long, device=device)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alm_kit.interfaces import AudioTokens, Decoder, DecoderInputs, Layout, TextInputs
-from alm_kit.layouts.sequence import TextEmbedder, audio_pieces, clip_rows, make_boundaries, stack
+from alm_kit.nn.sequence import TextEmbedder, audio_pieces, clip_rows, make_boundaries, stack
 
 #: markers in prompt ids (never real token ids): one clip here / all of the example's clips here
 ONE_CLIP, ALL_CLIPS = -1, -2

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from alm_kit.interfaces import AudioTokens, Decoder, DecoderInputs, Layout, TextInputs
-from alm_kit.layouts.sequence import TextEmbedder, audio_pieces, clip_rows, make_boundaries, stack
+from alm_kit.nn.sequence import TextEmbedder, audio_pieces, clip_rows, make_boundaries, stack
 
 
 class PrefixLayout(Layout):

@@ -160,3 +160,42 @@ def stochastic_depth(rate: float, num: int) -> list[float]:
     if num <= 1:
         return [0.0] * num
     return torch.linspace(0.0, rate, num).tolist()
+
+
+@dataclass
+class PerceiverConfig(AttentionStackConfig):
+    """A Perceiver resampler: ``num_latents`` learned latents and the shared stack options."""
+
+    num_latents: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_latents < 1:
+            raise ValueError("num_latents must be >= 1")
+
+
+class PerceiverResampler(nn.Module):
+    """``num_latents`` learned latents; each layer: cross-attention latents -> frames (masked),
+    self-attention over the latents, feed-forward. Keys/values are read from the frames at their
+    own width ``kv_dim`` (no input projection); every clip gets exactly ``num_latents`` outputs of
+    width ``output_dim``. Used by the ``perceiver`` projector and ALARM-P's ``perceiver`` fusion."""
+
+    def __init__(self, config: PerceiverConfig, kv_dim: int, output_dim: int) -> None:
+        super().__init__()
+        h = config.hidden_dim
+        self.latents = nn.Parameter(torch.randn(config.num_latents, h) * 0.02)
+        rates = stochastic_depth(config.drop_path, config.num_layers)
+        self.layers = nn.ModuleList(
+            QueryLayer(h, config.num_heads, int(round(config.ffn_ratio * h)), kv_dim=kv_dim,
+                       dropout=config.dropout, drop_path=rate, cross_first=True)
+            for rate in rates
+        )
+        self.norm = nn.LayerNorm(h)
+        self.out = nn.Linear(h, output_dim)
+
+    def forward(self, frames: Tensor, mask: Tensor | None) -> Tensor:
+        """(clips, num_latents, output_dim) from ``frames`` (clips, T, kv_dim), ``mask`` True = valid frame."""
+        x = self.latents.to(frames.dtype).expand(frames.shape[0], -1, -1)
+        for layer in self.layers:
+            x = layer(x, frames, mask)
+        return self.out(self.norm(x))

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from alm_kit.runtime import resolve_device
+
 
 @dataclass
 class World:
@@ -40,15 +42,6 @@ class World:
     @property
     def sharded(self) -> bool:
         return self.enabled and self.strategy == "fsdp"
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    return device
 
 
 def setup(device_name: str, strategy: str) -> tuple[World, torch.device]:

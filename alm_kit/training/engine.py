@@ -19,7 +19,7 @@ import random
 import signal
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,11 +44,11 @@ from alm_kit.data.manifest import Example, check_audio_files, read_manifest
 from alm_kit.data.shards import ShardData, shard_paths
 from alm_kit.errors import AlmKitError
 from alm_kit.model import AudioLanguageModel, build_model
+from alm_kit.runtime import autocast
 from alm_kit.text.templates import apply_response_template
 from alm_kit.training import distributed
 from alm_kit.training.checkpointing import RunCheckpoints, rng_state, set_rng_state
 from alm_kit.training.data import ManifestData, TrainingData
-from alm_kit.training.distributed import resolve_device  # noqa: F401  (alm_kit.cli imports it from here)
 from alm_kit.training.feature_cache import FeatureCache, open_cache, random_crop_encoders
 from alm_kit.training.monitor import RunLog
 from alm_kit.training.objectives import build_objective
@@ -78,11 +78,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def autocast_for(device: torch.device, precision: str):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
 def ensure_training_data(recipe: Recipe, progress: bool = True) -> None:
@@ -149,7 +144,7 @@ def unreached_parameters(model: AudioLanguageModel, objective, batch, cfg, devic
     saved_rng = rng_state()
     model.train()
     try:
-        with autocast_for(device, cfg.precision):
+        with autocast(device, cfg.precision):
             loss = objective(model, batch, max_response_tokens=cfg.max_response_tokens).loss
         grads = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
     finally:
@@ -362,7 +357,7 @@ class Trainer:
                 if valid:
                     out["eval_loss"] = self._held_out_loss(valid[: cfg.eval_max_items])
                 if recipe.data.eval and not self.world.sharded:
-                    from alm_kit.evaluation.mcq import evaluate_file
+                    from alm_kit.evaluation.runner import evaluate_file
 
                     result = evaluate_file(self.model, recipe.data.eval, recipe.generation,
                                            limit=cfg.eval_max_items, progress=False)
@@ -379,7 +374,7 @@ class Trainer:
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=collate)
         total = tokens = 0.0
         for batch in loader:
-            with autocast_for(self.device, cfg.precision):
+            with autocast(self.device, cfg.precision):
                 out = self.model(batch, max_response_tokens=cfg.max_response_tokens)
             total += out.loss.item() * out.num_tokens
             tokens += out.num_tokens
@@ -494,7 +489,7 @@ class Trainer:
                 for k in range(accum):
                     batch = next(batches)
                     with distributed.gradient_sync(self.wrapped, world, sync=k == accum - 1):
-                        with autocast_for(self.device, cfg.precision):
+                        with autocast(self.device, cfg.precision):
                             out = self.objective(self.wrapped, batch, max_response_tokens=cfg.max_response_tokens)
                         (out.loss / accum).backward()
                     micro_losses.append(out.loss.detach().float())
@@ -550,7 +545,7 @@ class Trainer:
         result.checkpoint = self.checkpoints.path(step)
         self.log(f"saved {result.checkpoint}" + (" (interrupted; continue with --resume)" if result.interrupted else ""))
         if recipe.data.eval and not result.interrupted and world.is_main and not world.sharded:
-            from alm_kit.evaluation.mcq import evaluate_file
+            from alm_kit.evaluation.runner import evaluate_file
 
             result.evaluation = evaluate_file(self.model, recipe.data.eval, recipe.generation,
                                               limit=recipe.data.max_eval_examples, progress=self.progress)

@@ -1,7 +1,7 @@
 """Turn per-example lists of pieces (text ids or audio tokens) into padded decoder inputs.
 
-Both layouts describe an example as pieces; padding, masks, position ids and
-labels are built here once.
+Layouts describe an example as pieces (so does the inference engine's text-only path); padding,
+masks, position ids and labels are built here once.
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from alm_kit.interfaces import AudioTokens, Decoder, DecoderInputs
-
-IGNORE = -100
+from alm_kit.interfaces import IGNORE, AudioTokens, Decoder, DecoderInputs
 
 
 @dataclass
