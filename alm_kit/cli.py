@@ -52,7 +52,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from alm_kit.compare import compare, format_markdown
+    from alm_kit.workflows.compare import compare, format_markdown
 
     results = compare(args.sources, args.eval, steps=args.steps, out_dir=args.out, overrides=args.set,
                       limit=args.limit, progress=not args.quiet)
@@ -104,7 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_rephrase(args: argparse.Namespace) -> int:
-    from alm_kit.data.rephrase import load_text_engine, rephrase_file
+    from alm_kit.workflows.rephrase import load_text_engine, rephrase_file
 
     engine, recipe = load_text_engine(args.source, device=args.device, overrides=args.overrides)
     params = engine.params(batch_size=args.batch_size, thinking=args.thinking, thinking_budget=args.thinking_budget)
@@ -244,7 +244,7 @@ def cmd_recipe_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from alm_kit.training.feature_cache import cache_recipe
+    from alm_kit.workflows.cache import cache_recipe
 
     recipe = _recipe(args.recipe, args.overrides)
     for label, report in cache_recipe(recipe, progress=not args.quiet, batch_size=args.batch_size).items():

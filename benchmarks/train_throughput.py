@@ -164,7 +164,7 @@ def main() -> None:
 
     from alm_kit.config.loader import recipe_from_dict
     from alm_kit.model import build_model
-    from alm_kit.training.feature_cache import cache_recipe
+    from alm_kit.workflows.cache import cache_recipe
 
     root = Path(args.keep or tempfile.mkdtemp(prefix="alm-kit-throughput-"))
     root.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,8 @@ from alm_kit.cli import main
 from alm_kit.config import load_recipe
 from alm_kit.config.parse import ConfigError
 from alm_kit.config.schema import GenerationConfig
-from alm_kit.data import rephrase as rp
 from alm_kit.inference.engine import Generation
+from alm_kit.workflows import rephrase as rp
 from tests.conftest import write_tone
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

@@ -8,12 +8,12 @@ import pytest
 import torch
 import yaml
 
+from alm_kit.checkpoint import init_from_checkpoint
 from alm_kit.config.loader import load_recipe, recipe_from_dict
 from alm_kit.errors import CheckpointError
 from alm_kit.model import build_model
 from alm_kit.training.engine import Trainer, train
 from alm_kit.training.objectives import ContrastiveAlignment, LanguageModeling, build_objective
-from alm_kit.training.warm_start import init_from_checkpoint
 from tests.conftest import tiny_recipe_dict, write_tone
 from tests.test_model import make_batch
 

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from alm_kit.cli import main
-from alm_kit.compare import CompareResult, format_markdown, group_columns
 from alm_kit.config.loader import load_recipe
 from alm_kit.model import build_model
+from alm_kit.workflows.compare import CompareResult, format_markdown, group_columns
 from tests.conftest import tiny_recipe_dict, write_tone
 
 PROJECTORS = {

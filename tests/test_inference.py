@@ -321,7 +321,7 @@ def test_alm_api_takes_paths_arrays_tensors_and_dicts(checkpoint, tones):
 
 def test_mellow_wrapper_has_the_reference_call_shape_and_is_greedy(checkpoint, tones):
     from alm_kit import ALM
-    from alm_kit.inference.mellow import MellowWrapper
+    from alm_kit.inference.mellow_wrapper import MellowWrapper
 
     with pytest.raises(FileNotFoundError, match="alm-kit import mellow"):
         MellowWrapper(config="v0", model="v0", device="cpu", use_cuda=False)

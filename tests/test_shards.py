@@ -14,9 +14,7 @@ from alm_kit.audio.io import load_audio
 from alm_kit.config.loader import recipe_from_dict
 from alm_kit.data.manifest import read_manifest
 from alm_kit.data.shards import (
-    ShardData,
     ShardError,
-    ShuffleBuffer,
     count_samples,
     expand_braces,
     read_shard,
@@ -24,6 +22,7 @@ from alm_kit.data.shards import (
     write_shards,
 )
 from alm_kit.interfaces import AudioSpec
+from alm_kit.training.data import ShardData, ShuffleBuffer
 from tests.conftest import tiny_recipe_dict, write_tone
 from tests.test_training_run import interrupt_at
 

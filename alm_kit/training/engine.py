@@ -7,7 +7,7 @@ loss on response tokens only; then a check that every loss was finite, gradient 
 the warm-up + cosine schedule. Around it: checkpoints every ``save_every`` steps and at the end
 with everything an exact resume needs, Ctrl-C/SIGTERM saving, periodic evaluation, metrics, and
 the same code under torchrun (distributed.py). The pieces live next to this module: data.py,
-checkpointing.py, distributed.py, monitor.py, feature_cache.py, objectives.py.
+resume.py, distributed.py, monitor.py, feature_cache.py, objectives.py.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from alm_kit.checkpoint import (
     CheckpointError,
     checkpoint_keys,
     differences,
+    init_from_checkpoint,
     load_weights,
     read_recipe,
     read_trainer_state,
@@ -40,19 +41,18 @@ from alm_kit.checkpoint import (
 from alm_kit.config.loader import dump_recipe, origin_of, recipe_to_dict
 from alm_kit.config.schema import Recipe
 from alm_kit.data.batch import AudioTextDataset, collate
-from alm_kit.data.manifest import Example, check_audio_files, read_manifest
-from alm_kit.data.shards import ShardData, shard_paths
+from alm_kit.data.loading import ensure_training_data, load_examples
+from alm_kit.data.manifest import Example
+from alm_kit.data.shards import shard_paths
 from alm_kit.errors import AlmKitError
 from alm_kit.model import AudioLanguageModel, build_model
 from alm_kit.runtime import autocast
-from alm_kit.text.templates import apply_response_template
 from alm_kit.training import distributed
-from alm_kit.training.checkpointing import RunCheckpoints, rng_state, set_rng_state
-from alm_kit.training.data import ManifestData, TrainingData
+from alm_kit.training.data import ManifestData, ShardData, TrainingData
 from alm_kit.training.feature_cache import FeatureCache, open_cache, random_crop_encoders
 from alm_kit.training.monitor import RunLog
 from alm_kit.training.objectives import build_objective
-from alm_kit.training.warm_start import init_from_checkpoint
+from alm_kit.training.resume import RunCheckpoints, rng_state, set_rng_state
 
 
 @dataclass
@@ -78,26 +78,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def ensure_training_data(recipe: Recipe, progress: bool = True) -> None:
-    """Make the synthetic data set when the recipe asks for it and the manifest is missing."""
-    synth = recipe.data.synth
-    if synth is None or (recipe.data.train and Path(recipe.data.train).exists()):
-        return
-    from alm_kit.data.synth import synthesize
-
-    synthesize(synth.out_dir, n_train=synth.n_train, n_test=synth.n_test, seed=synth.seed,
-               speech=synth.speech, progress=progress)
-
-
-def load_examples(recipe: Recipe, path: str, limit: int | None) -> tuple[list[Example], list[str]]:
-    template = recipe.data.response_template
-    examples = apply_response_template(read_manifest(path, recipe.data.format, require_response=template is None),
-                                       template)
-    if limit is not None:
-        examples = examples[:limit]
-    return check_audio_files(examples, skip_bad=recipe.data.skip_bad_audio)
 
 
 def param_groups(model: AudioLanguageModel, recipe: Recipe) -> list[dict[str, Any]]:

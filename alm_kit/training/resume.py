@@ -1,4 +1,5 @@
-"""Training checkpoints in a run folder: ``checkpoints/step-N``, the ``latest`` pointer, keep-last-K, RNG state.
+"""What resuming a run needs: its checkpoints folder (``checkpoints/step-N``, the ``latest`` pointer,
+keep-last-K) and the state of every RNG a step draws from.
 
 A checkpoint is complete before ``latest`` names it (alm_kit.checkpoint writes it under a
 temporary name and renames it; ``latest`` is itself replaced by a rename), so a crash at any

@@ -1,0 +1,32 @@
+"""The examples a recipe's ``data`` section names: made first when they are synthetic (``data.synth``),
+read with the recipe's response template, limited, and checked for audio (``data.skip_bad_audio``).
+Training, ``alm-kit cache`` and ``alm-kit compare`` read their data here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alm_kit.config.schema import Recipe
+from alm_kit.data.manifest import Example, check_audio_files, read_manifest
+from alm_kit.text.templates import apply_response_template
+
+
+def ensure_training_data(recipe: Recipe, progress: bool = True) -> None:
+    """Make the synthetic data set when the recipe asks for it and the manifest is missing."""
+    synth = recipe.data.synth
+    if synth is None or (recipe.data.train and Path(recipe.data.train).exists()):
+        return
+    from alm_kit.data.synth import synthesize
+
+    synthesize(synth.out_dir, n_train=synth.n_train, n_test=synth.n_test, seed=synth.seed,
+               speech=synth.speech, progress=progress)
+
+
+def load_examples(recipe: Recipe, path: str, limit: int | None) -> tuple[list[Example], list[str]]:
+    template = recipe.data.response_template
+    examples = apply_response_template(read_manifest(path, recipe.data.format, require_response=template is None),
+                                       template)
+    if limit is not None:
+        examples = examples[:limit]
+    return check_audio_files(examples, skip_bad=recipe.data.skip_bad_audio)
