@@ -31,7 +31,7 @@ import torch
 import yaml
 from torch import nn
 
-from alm_kit import __version__
+from alm_kit._version import __version__
 from alm_kit.config.loader import dump_recipe, recipe_from_dict
 from alm_kit.config.schema import Recipe
 from alm_kit.errors import CheckpointError  # noqa: F401  (re-exported)

@@ -22,7 +22,7 @@ from typing import Any
 
 import pluggy
 
-from alm_kit import __version__
+from alm_kit._version import __version__
 from alm_kit.errors import AlmKitError
 from alm_kit.registry import hookspecs
 
