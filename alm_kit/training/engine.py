@@ -19,6 +19,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from alm_kit.checkpoint import (
 )
 from alm_kit.config.loader import dump_recipe, origin_of, recipe_to_dict
 from alm_kit.config.schema import Recipe
-from alm_kit.data.batch import AudioTextDataset, collate
+from alm_kit.data.batch import AudioTextDataset, Batch, collate
 from alm_kit.data.loading import ensure_training_data, load_examples
 from alm_kit.data.manifest import Example
 from alm_kit.data.shards import shard_paths
@@ -167,6 +168,8 @@ class Trainer:
         self._stop_requested = False
         #: trainable parameters the loss never reaches, frozen before training (see _leave_out_unreached)
         self.left_out: list[str] = []
+        #: what the optimizer updates (set by _setup_optimizer)
+        self.trainable: list[torch.nn.Parameter] = []
 
     def log(self, message: str) -> None:
         if self.progress:
@@ -398,6 +401,41 @@ class Trainer:
             distributed.teardown(self.world)
 
     def _fit(self) -> TrainResult:
+        """Set up (data, restore, reachability, optimizer), then the step loop."""
+        cfg = self.recipe.training
+        resume_from, data, valid, result = self._setup_data()
+        state = self._restore(resume_from, data)
+        batches = self._start_stream(data, state)
+        if cfg.compile:
+            self.model.decoder.compile()
+        self.wrapped = distributed.wrap(self.model, self.world)
+        total = self._total_steps(data)
+        optimizer, scheduler = self._setup_optimizer(total, state)
+        step = int(state["step"]) if state is not None else 0
+        result.steps = step
+        if state is not None:
+            self.log(f"resuming {resume_from} at step {step} (epoch {data.state_dict().get('epoch')})")
+        self.log(f"training {sum(p.numel() for p in self.trainable):,} of "
+                 f"{sum(p.numel() for p in self.model.parameters()):,} parameters for {total} steps on "
+                 f"{self.device}" + (f" x {self.world.size} ranks ({self.world.strategy})" if self.world.enabled
+                                     else ""))
+        self._loop(batches, data, valid, optimizer, scheduler, total, result, resumed=state is not None)
+        if result.truncated:
+            self.log(f"truncated {result.truncated} response(s) longer than training.max_response_tokens="
+                     f"{cfg.max_response_tokens}")
+        result.checkpoint = self.checkpoints.path(result.steps)
+        self.log(f"saved {result.checkpoint}" + (" (interrupted; continue with --resume)" if result.interrupted else ""))
+        if self.recipe.data.eval and not result.interrupted and self.world.is_main and not self.world.sharded:
+            from alm_kit.evaluation.runner import evaluate_file
+
+            result.evaluation = evaluate_file(self.model, self.recipe.data.eval, self.recipe.generation,
+                                              limit=self.recipe.data.max_eval_examples, progress=self.progress)
+            (self.run_dir / "eval.json").write_text(json.dumps(result.evaluation, indent=2))
+        return result
+
+    # ------------------------------------------------------------------ setup
+    def _setup_data(self) -> tuple[Path | None, TrainingData, list[Example], TrainResult]:
+        """Read (or make) the training and held-out examples, find the checkpoint to resume, open the stream."""
         recipe, cfg, world = self.recipe, self.recipe.training, self.world
         if not recipe.data.train:
             raise ValueError("the recipe names no training data: set data.train "
@@ -421,126 +459,163 @@ class Trainer:
             if world.is_main:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 (self.run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
-
         data = self._shard_data(shards, valid) if shards else self._training_data(examples, valid)
-        state = self._restore_weights(resume_from) if resume_from else None
-        if state is not None:
-            data.load_state_dict(state["data"])
+        if data.batches_per_epoch is None and cfg.max_steps is None:
+            raise TrainingError("the training data cannot say how long an epoch is: set training.max_steps")
+        result = TrainResult(self.run_dir, None, 0, skipped_examples=len(problems), resumed_from=resume_from,
+                             rejected_examples=before - len(examples))
+        return resume_from, data, valid, result
+
+    def _restore(self, checkpoint: Path | None, data: TrainingData) -> dict[str, Any] | None:
+        """Weights and data position of the checkpoint to resume (its optimizer comes with the optimizer)."""
+        if checkpoint is None:
+            return None
+        state = self._restore_weights(checkpoint)
+        data.load_state_dict(state["data"])
+        rngs = state["rng"]
+        set_rng_state(rngs[self.world.rank] if len(rngs) == self.world.size else rngs[0])
+        return state
+
+    def _start_stream(self, data: TrainingData, state: dict[str, Any] | None) -> Iterator[Batch]:
+        """The stream of micro-batches; its first batch also shows which parameters the loss reaches."""
         batches = iter(data)
         first = next(batches)
         self._leave_out_unreached(first, state)
-        batches = itertools.chain([first], batches)
-        if cfg.compile:
-            self.model.decoder.compile()
-        self.wrapped = distributed.wrap(self.model, world)
-        if data.batches_per_epoch is None and cfg.max_steps is None:
-            raise TrainingError("the training data cannot say how long an epoch is: set training.max_steps")
+        return itertools.chain([first], batches)
+
+    def _total_steps(self, data: TrainingData) -> int:
+        cfg = self.recipe.training
         steps_per_epoch = math.ceil((data.batches_per_epoch or 1) / cfg.grad_accum_steps)
-        total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        return cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+    def _setup_optimizer(self, total: int, state: dict[str, Any] | None):
+        """AdamW over the trainable parameters (fused on CUDA) and the warm-up + decay schedule."""
+        recipe, cfg = self.recipe, self.recipe.training
         optimizer = torch.optim.AdamW(param_groups(self.model, recipe), lr=cfg.lr,
                                       fused=True if self.device.type == "cuda" else None)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, total))
-        self.objective.configure_optimizer(recipe, lr_lambda(cfg.schedule, cfg.warmup_steps, total))
-        trainable = [p for g in optimizer.param_groups for p in g["params"]]
-        step = 0
+        schedule = lr_lambda(cfg.schedule, cfg.warmup_steps, total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        self.objective.configure_optimizer(recipe, schedule)
+        self.trainable = [p for g in optimizer.param_groups for p in g["params"]]
         if state is not None:
-            distributed.load_optimizer_state(self.model, optimizer, state["optimizer"], world)
+            distributed.load_optimizer_state(self.model, optimizer, state["optimizer"], self.world)
             scheduler.load_state_dict(state["scheduler"])
-            rngs = state["rng"]
-            set_rng_state(rngs[world.rank] if len(rngs) == world.size else rngs[0])
-            step = int(state["step"])
-            self.log(f"resuming {resume_from} at step {step} (epoch {data.state_dict().get('epoch')})")
-        self.log(f"training {sum(p.numel() for p in trainable):,} of "
-                 f"{sum(p.numel() for p in self.model.parameters()):,} parameters for {total} steps on "
-                 f"{self.device}" + (f" x {world.size} ranks ({world.strategy})" if world.enabled else ""))
+        return optimizer, scheduler
 
-        run_log = RunLog(self.run_dir, enabled=world.is_main, resume_step=step if state else None,
-                         tensorboard=cfg.tensorboard, flush_every=cfg.log_every)
-        result = TrainResult(self.run_dir, None, step, skipped_examples=len(problems), resumed_from=resume_from,
-                             rejected_examples=before - len(examples))
-        self.model.train()
+    # ------------------------------------------------------------------ the loop
+    def _train_step(self, batches: Iterator[Batch], optimizer, scheduler) -> tuple[torch.Tensor, list[list[str]],
+                                                                                    int, int]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches, without waiting for the device.
+
+        Returns the micro-batch losses as a device tensor (read at the next sync point), the
+        example ids of each micro-batch, the examples and the truncated responses of the step.
+        """
+        cfg = self.recipe.training
         accum = cfg.grad_accum_steps
-        saved_step = step if state else None
-        samples, truncated, started = 0, 0, time.perf_counter()
+        losses, ids, samples, truncated = [], [], 0, 0
+        for k in range(accum):
+            batch = next(batches)
+            with distributed.gradient_sync(self.wrapped, self.world, sync=k == accum - 1):
+                with autocast(self.device, cfg.precision):
+                    out = self.objective(self.wrapped, batch, max_response_tokens=cfg.max_response_tokens)
+                (out.loss / accum).backward()
+            losses.append(out.loss.detach().float())
+            ids.append(batch.ids)
+            samples += len(batch)
+            truncated += out.truncated
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.objective.step()
+        return torch.stack(losses), ids, samples, truncated
+
+    def _loop(self, batches: Iterator[Batch], data: TrainingData, valid: list[Example], optimizer, scheduler,
+              total: int, result: TrainResult, *, resumed: bool) -> None:
+        """Steps until ``total``, an interruption or a non-finite loss.
+
+        The host waits for the device only at sync points: every ``log_every`` steps, before a
+        checkpoint or an evaluation, and at the end. There the pending steps' losses are read
+        (summed over the ranks), checked, logged and written to metrics.jsonl. A non-finite loss
+        therefore stops the run at the next sync point, naming its step and examples; the
+        checkpoints written before it are good, since every save is a sync point.
+        """
+        recipe, cfg, world = self.recipe, self.recipe.training, self.world
+        step = result.steps
+        run_log = RunLog(self.run_dir, enabled=world.is_main, resume_step=step if resumed else None,
+                         tensorboard=cfg.tensorboard)
+        pending: list[tuple[torch.Tensor, dict[str, Any], list[list[str]]]] = []
+        saved_step = step if resumed else None
+        samples, started = 0, time.perf_counter()
         bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not self.progress)
+
+        def sync() -> bool:
+            """Read the pending steps; True when a rank asked to stop."""
+            per_step = [torch.stack([torch.where(torch.isfinite(lo), lo, 0).sum(), (~torch.isfinite(lo)).sum().float()])
+                        for lo, _, _ in pending]
+            stop = torch.tensor([float(self._stop_requested)], device=self.device)
+            totals = distributed.all_sum(torch.cat([*per_step, stop]), world, self.device)
+            for i, (losses, record, ids) in enumerate(pending):
+                loss_sum, bad = totals[2 * i], totals[2 * i + 1]
+                if bad:
+                    self._fail_on_nonfinite(record["step"], losses, ids)
+                record["loss"] = loss_sum / (cfg.grad_accum_steps * world.size)
+                result.losses.append(record["loss"])
+                run_log.write(record)
+            if pending:
+                last = pending[-1][1]
+                bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}",
+                                samples_s=f"{last['samples_per_s']:.1f}")
+                pending.clear()
+            run_log.flush()
+            return bool(totals[-1])
+
+        self.model.train()
         try:
             while step < total:
-                micro_losses, micro_ids = [], []
-                for k in range(accum):
-                    batch = next(batches)
-                    with distributed.gradient_sync(self.wrapped, world, sync=k == accum - 1):
-                        with autocast(self.device, cfg.precision):
-                            out = self.objective(self.wrapped, batch, max_response_tokens=cfg.max_response_tokens)
-                        (out.loss / accum).backward()
-                    micro_losses.append(out.loss.detach().float())
-                    micro_ids.append(batch.ids)
-                    truncated += out.truncated
-                    samples += len(batch)
-                losses = torch.stack(micro_losses)
-                finite = torch.isfinite(losses)
-                loss_sum, n_micro, bad, n_samples, stop = distributed.all_sum(
-                    torch.stack([torch.where(finite, losses, 0).sum(), torch.tensor(float(accum), device=losses.device),
-                                 (~finite).sum().float(), torch.tensor(float(samples), device=losses.device),
-                                 torch.tensor(float(self._stop_requested), device=losses.device)]), world, self.device)
-                if bad:
-                    self._fail_on_nonfinite(step + 1, losses, micro_ids)
-                if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                self.objective.step()
+                losses, ids, n, truncated = self._train_step(batches, optimizer, scheduler)
                 step += 1
-                mean = loss_sum / n_micro
-                result.losses.append(mean)
+                samples += n * world.size
+                result.truncated += truncated
                 elapsed = time.perf_counter() - started
-                record = {"step": step, "epoch": data.state_dict().get("epoch"), "loss": mean,
-                          "lr": scheduler.get_last_lr()[0], "samples_per_s": n_samples / elapsed,
-                          "elapsed_s": elapsed}
-                run_log.write(record, flush=step == total)
-                if step % cfg.log_every == 0 or step == total:
-                    bar.set_postfix(loss=f"{mean:.3f}", lr=f"{record['lr']:.2e}",
-                                    samples_s=f"{record['samples_per_s']:.1f}")
+                pending.append((losses, {"step": step, "epoch": data.state_dict().get("epoch"),
+                                         "lr": scheduler.get_last_lr()[0], "samples_per_s": samples / elapsed,
+                                         "elapsed_s": elapsed}, ids))
                 bar.update(1)
-                if cfg.eval_every and step % cfg.eval_every == 0 and (recipe.data.eval or valid):
-                    scores = self._evaluate(valid)
-                    if scores:
-                        run_log.write({"step": step, **scores}, flush=True)
-                        self.log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-                if stop:
-                    result.interrupted = True
-                    break
-                if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                    self._save(step, optimizer, scheduler, data)
-                    saved_step = step
+                evaluate = bool(cfg.eval_every and step % cfg.eval_every == 0 and (recipe.data.eval or valid))
+                save = bool(cfg.save_every and step % cfg.save_every == 0 and step < total)
+                asked = self._stop_requested and not world.enabled  # one process: no need to agree
+                if step % cfg.log_every == 0 or step == total or evaluate or save or asked:
+                    stop = sync()
+                    if evaluate:
+                        scores = self._evaluate(valid)
+                        if scores:
+                            run_log.write({"step": step, **scores}, flush=True)
+                            self.log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+                    if stop:
+                        result.interrupted = True
+                        break
+                    if save:
+                        self._save(step, optimizer, scheduler, data)
+                        saved_step = step
         finally:
             bar.close()
             run_log.close()
-        if truncated:
-            self.log(f"truncated {truncated} response(s) longer than training.max_response_tokens="
-                     f"{cfg.max_response_tokens}")
-        result.truncated, result.steps = truncated, step
+        result.steps = step
         if saved_step != step:
             self._save(step, optimizer, scheduler, data)
-        result.checkpoint = self.checkpoints.path(step)
-        self.log(f"saved {result.checkpoint}" + (" (interrupted; continue with --resume)" if result.interrupted else ""))
-        if recipe.data.eval and not result.interrupted and world.is_main and not world.sharded:
-            from alm_kit.evaluation.runner import evaluate_file
-
-            result.evaluation = evaluate_file(self.model, recipe.data.eval, recipe.generation,
-                                              limit=recipe.data.max_eval_examples, progress=self.progress)
-            (self.run_dir / "eval.json").write_text(json.dumps(result.evaluation, indent=2))
-        return result
 
     def _fail_on_nonfinite(self, step: int, losses: torch.Tensor, ids: list[list[str]]) -> None:
-        """Stop every rank before the update; name the step and the examples of the bad micro-batches."""
+        """Stop every rank (at the sync point after ``step``); name the step and the examples of the bad
+        micro-batches. Nothing after the last good checkpoint is saved."""
         mine = [i for loss, batch_ids in zip(losses.tolist(), ids) if not math.isfinite(loss) for i in batch_ids]
         values = sorted({str(v) for v in losses.tolist() if not math.isfinite(v)})
         everyone = [i for rank_ids in distributed.gather(mine, self.world) for i in rank_ids]
         latest = self.checkpoints.latest()
         raise TrainingError(
             f"loss is {'/'.join(values) or 'not finite'} at step {step}, batch example ids: {', '.join(everyone)}; "
-            "stopped before updating the weights. "
+            "stopped without saving the weights it gave. "
             + (f"The last good checkpoint is {latest}." if latest else "No checkpoint was written yet."))
 
 

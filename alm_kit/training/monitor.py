@@ -9,6 +9,7 @@ steps. A resumed run drops the records after the step it resumes from and append
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,8 @@ def tensorboard_writer(log_dir: Path):
 class RunLog:
     """Appends metric records; on rank 0 only (other ranks get ``enabled=False``)."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool, resume_step: int | None, tensorboard: bool,
-                 flush_every: int) -> None:
+    def __init__(self, run_dir: Path, *, enabled: bool, resume_step: int | None, tensorboard: bool) -> None:
         self.enabled = enabled
-        self.flush_every = flush_every
         self.file = None
         self.writer = None
         if not enabled:
@@ -61,12 +60,19 @@ class RunLog:
         if not self.enabled:
             return
         self.file.write(json.dumps(record) + "\n")
-        if flush or record["step"] % self.flush_every == 0:
-            self.file.flush()
+        if flush:
+            self.flush()
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.writer.add_scalar(key.replace("eval_", "eval/"), value, record["step"])
+
+    def flush(self) -> None:
+        """To disk: the engine flushes at every sync point (every ``log_every`` steps and before each
+        checkpoint), so a killed run's metrics reach at least its last checkpoint."""
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
 
     def close(self) -> None:
         if self.file is not None:
