@@ -443,3 +443,32 @@ def test_without_kv_cache_the_tokens_are_the_same(layout):
     assert [g.tokens for g in cached] == [g.tokens for g in uncached]
     with pytest.raises(Exception, match="use_cache"):
         engine.params(num_beams=2, use_cache=False)
+
+
+@pytest.mark.parametrize("layout, decoder, layout_params", [
+    ("prefix", None, {}), ("prefix", None, {"attention_mask": False, "prompt_length": 12}), ("placeholder", None, {}),
+    ("placeholder", TINY_GPT2, {})], ids=["prefix-llama", "prefix-nomask", "placeholder-llama", "placeholder-gpt2"])
+def test_fixed_shape_steps_give_the_eager_tokens(layout, decoder, layout_params):
+    """``cuda_graphs: true`` on the CPU runs the steps a CUDA graph captures (static cache, step mask,
+    device-side end checks every few steps, finished rows kept): the tokens are the eager path's."""
+    engine = _engine(layout, decoder, **layout_params)
+    eos = engine.tokenizer.eos_token_id
+    with torch.no_grad():  # make the end token likely, so rows end at different steps
+        engine.model.decoder.language_model.get_output_embeddings().weight[eos] *= 4
+    requests = _requests(6) if layout_params.get("attention_mask", True) else [
+        Request(audio=r.audio[:1] * 2, prompt=r.prompt[:30], id=r.id) for r in _requests(6)]
+    # (sampling is left out: the eager path drops finished rows, which changes what later rows draw)
+    settings = [{}, {"repetition_penalty": 1.5, "min_new_tokens": 2}, {"stop": ["e"]}]
+    lengths = set()
+    for extra in settings:
+        eager = engine.run(requests, engine.params(max_new_tokens=24, cuda_graphs=False, **extra))
+        static = engine.run(requests, engine.params(max_new_tokens=24, cuda_graphs=True, **extra))
+        assert [g.tokens for g in static] == [g.tokens for g in eager], extra
+        assert [g.finish_reason for g in static] == [g.finish_reason for g in eager], extra
+        lengths |= {len(g.tokens) for g in eager}
+    assert len(lengths) > 2  # rows did end at different steps
+    sampled = [engine.run(requests, engine.params(max_new_tokens=24, cuda_graphs=True, do_sample=True, top_k=k,
+                                                  seed=3)) for k in (8, 8, 1)]
+    assert [g.tokens for g in sampled[0]] == [g.tokens for g in sampled[1]]  # seeded
+    greedy = engine.run(requests, engine.params(max_new_tokens=24, cuda_graphs=True))
+    assert [g.tokens for g in sampled[2]] == [g.tokens for g in greedy]  # top_k 1 is greedy

@@ -206,6 +206,12 @@ class GenerationConfig:
     #: (all on CUDA; 4 on CPU, where large passes run slower and hold more activation memory)
     encoder_batch: int | Literal["auto", "all"] = "auto"
     seed: int = 0
+    #: fixed-shape decode steps replayed as CUDA graphs (docs/inference.md): auto = on CUDA when the decoder
+    #: allows it; true = always (on the CPU the same steps run eagerly); false = the eager, row-dropping path
+    cuda_graphs: bool | Literal["auto"] = "auto"
+    #: weights when a model is loaded for inference: auto = bf16 on CUDA, fp32 elsewhere; fp32 keeps
+    #: bf16 autocast on CUDA (encoder front ends such as mel filterbanks stay fp32 either way)
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     #: thinking decoders (Qwen3): on / off (passed to the chat template); null: the template's default
     thinking: bool | None = None
     #: most tokens inside <think> ... </think>; then ``thinking_close`` is forced and the answer follows

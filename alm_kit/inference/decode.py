@@ -58,6 +58,8 @@ class RowMonitor:
                              f"{THINK_CLOSE} tokens")
         self.close_ids = tokenizer.encode(params.thinking_close, add_special_tokens=False) if budget else []
         self.rows = [RowOutput() for _ in prompt_ids]
+        #: stop strings and forced tokens (the thinking budget) need every token on the host as it comes
+        self.needs_each_token = bool(self.stops) or budget is not None
         #: where the time went: prefill and decode seconds, decode forward passes
         self.timings: dict[str, float] = {}
         self.done = [False] * len(prompt_ids)
@@ -124,6 +126,9 @@ def _cache_for(decoder: Decoder, capacity: int):
 class _Rows:
     """The decoder-side state of the rows still running: cache, mask, next position."""
 
+    #: finished rows leave the batch (``keep``)
+    can_drop = True
+
     def __init__(self, decoder: Decoder, inputs: DecoderInputs, extra: int, use_cache: bool = True) -> None:
         self.decoder = decoder
         self.use_cache = use_cache
@@ -168,16 +173,39 @@ class _Rows:
         self.position, self.index, self.logits = self.position[keep], self.index[keep], self.logits[keep]
 
 
+#: with fixed-shape steps, the host reads the new tokens (and checks for the end) every this many steps
+CHECK_EVERY = 16
+
+
 @torch.no_grad()
 def sample_or_greedy(decoder: Decoder, inputs: DecoderInputs, params: GenerationConfig,
-                     monitor: RowMonitor) -> list[RowOutput]:
-    pad = next(iter(monitor.end_ids))
+                     monitor: RowMonitor, *, static: bool = False, graph: bool = False) -> list[RowOutput]:
+    """Greedy decoding or sampling. ``static``: fixed-shape steps (:mod:`alm_kit.inference.static_decode`),
+    replayed as a CUDA graph with ``graph``; the host then reads tokens only every :data:`CHECK_EVERY`
+    steps unless a stop string or a thinking budget needs every token as it comes."""
     extra = params.max_new_tokens + (len(monitor.close_ids) if params.thinking_budget else 0)
     start = time.perf_counter()
-    rows = _Rows(decoder, inputs, extra, use_cache=params.use_cache)
+    if static:
+        from alm_kit.inference.static_decode import StaticRows
+
+        rows = StaticRows(decoder, inputs, extra, graph)
+    else:
+        rows = _Rows(decoder, inputs, extra, use_cache=params.use_cache)
     monitor.timings["prefill"] = time.perf_counter() - start
     start = time.perf_counter()
     chooser = TokenChooser(params, len(monitor.rows), rows.logits.shape[-1], rows.logits.device)
+    if static and not monitor.needs_each_token:
+        steps = _on_device(rows, chooser, params, monitor)
+    else:
+        steps = _token_by_token(rows, chooser, params, monitor)
+    monitor.timings.update(decode=time.perf_counter() - start, steps=steps)
+    return monitor.rows
+
+
+def _token_by_token(rows, chooser: TokenChooser, params: GenerationConfig, monitor: RowMonitor) -> int:
+    """The host sees every token as it comes: forced tokens, stop strings; finished rows leave the batch
+    (eager rows only). Returns the decode forward passes."""
+    pad = next(iter(monitor.end_ids))
     end_ids = torch.tensor(sorted(monitor.end_ids), device=rows.logits.device)
     step = 0
     while True:
@@ -198,14 +226,44 @@ def sample_or_greedy(decoder: Decoder, inputs: DecoderInputs, params: Generation
         if not running.any():
             break
         # drop finished rows once a quarter of the batch has finished (copying the cache costs about a step)
-        if int(running.sum()) <= 0.75 * len(running):
+        if rows.can_drop and int(running.sum()) <= 0.75 * len(running):
             keep = running.nonzero().squeeze(-1)
             rows.keep(keep)
             chooser.keep_rows(keep)
             tokens = tokens[keep]
         rows.step(tokens)
-    monitor.timings.update(decode=time.perf_counter() - start, steps=step - 1)
-    return monitor.rows
+    return step - 1
+
+
+def _on_device(rows, chooser: TokenChooser, params: GenerationConfig, monitor: RowMonitor) -> int:
+    """Tokens are chosen, recorded and checked for the end on the device; the host reads them every
+    :data:`CHECK_EVERY` steps (up to that many steps past the last row's end are wasted, and dropped).
+    Returns the decode forward passes."""
+    device = rows.logits.device
+    b = len(monitor.rows)
+    pad = next(iter(monitor.end_ids))
+    end_ids = torch.tensor(sorted(monitor.end_ids), device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    history = torch.full((b, params.max_new_tokens), pad, dtype=torch.long, device=device)
+    read = 0
+    for step in range(params.max_new_tokens):
+        if step < params.min_new_tokens:
+            rows.logits[:, end_ids] = float("-inf")
+        tokens = torch.where(done, pad, chooser.choose(rows.logits))
+        chooser.record(tokens)
+        history[:, step] = tokens
+        done |= torch.isin(tokens, end_ids)
+        if (step + 1) % CHECK_EVERY == 0 or step + 1 == params.max_new_tokens:
+            for row, new in enumerate(history[:, read : step + 1].tolist()):
+                for token in new:
+                    if monitor.done[row]:
+                        break
+                    monitor.push(row, token)
+            read = step + 1
+            if all(monitor.done):
+                return step
+        rows.step(tokens)
+    return params.max_new_tokens - 1
 
 
 @torch.no_grad()
@@ -289,4 +347,21 @@ def beam_search(decoder: Decoder, inputs: DecoderInputs, params: GenerationConfi
 def decode(decoder: Decoder, inputs: DecoderInputs, params: GenerationConfig, monitor: RowMonitor) -> list[RowOutput]:
     if params.num_beams > 1:
         return beam_search(decoder, inputs, params, monitor)
-    return sample_or_greedy(decoder, inputs, params, monitor)
+    device = inputs.inputs_embeds.device
+    static = uses_static_steps(decoder, params, device)
+    return sample_or_greedy(decoder, inputs, params, monitor, static=static, graph=static and device.type == "cuda")
+
+
+def uses_static_steps(decoder: Decoder, params: GenerationConfig, device: torch.device) -> bool:
+    """``generation.cuda_graphs``: auto = fixed-shape steps as CUDA graphs on CUDA when the decoder allows
+    them; true = always (on the CPU: the same steps, eagerly); false = the eager path."""
+    if params.cuda_graphs is False or not params.use_cache:
+        return False
+    from alm_kit.inference.static_decode import static_decoding_supported
+
+    why_not = static_decoding_supported(decoder)
+    if why_not is not None:
+        if params.cuda_graphs is True:
+            raise GenerationError(f"cuda_graphs: true is not possible here: {why_not}")
+        return False
+    return params.cuda_graphs is True or device.type == "cuda"

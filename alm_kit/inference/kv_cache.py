@@ -95,6 +95,55 @@ def _layer_class():
     return PreallocatedLayer
 
 
+@cache
+def _static_layer_class():
+    class StaticLayer(_layer_class()):
+        """A preallocated layer whose decode steps all have one shape (for CUDA graphs).
+
+        In prefill mode it is a :class:`PreallocatedLayer` (the prompt is written at the start and
+        attention reads the filled part). In step mode each update writes at ``column`` (a device
+        tensor the step advances in place) and attention reads the whole buffer, the not yet
+        written positions hidden by the step's mask: no host value changes from step to step.
+        """
+
+        def __init__(self, capacity: int, column: Tensor) -> None:
+            super().__init__(capacity)
+            self.column = column
+            self.stepping = False
+
+        def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+            super().lazy_initialization(key_states, value_states)
+            # attention reads the whole buffer: unwritten positions are masked, but NaN in uninitialised
+            # memory would still poison the softmax (NaN + -inf) and the weighted sum (0 * NaN)
+            self._k.zero_()
+            self._v.zero_()
+
+        def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+            if not self.stepping:
+                return super().update(key_states, value_states)
+            self._k.index_copy_(2, self.column, key_states)
+            self._v.index_copy_(2, self.column, value_states)
+            return self._k, self._v
+
+    return StaticLayer
+
+
+def static_cache(num_layers: int, capacity: int, column: Tensor):
+    """A cache of :func:`_static_layer_class` layers sharing the write ``column`` (a (1,) long tensor)."""
+    from transformers.cache_utils import Cache
+
+    layer = _static_layer_class()
+    return Cache(layers=[layer(capacity, column) for _ in range(num_layers)])
+
+
+def set_stepping(cache, stepping: bool) -> None:
+    """Prefill mode (False: rewind and write from position 0) or step mode (True) for every layer."""
+    for layer in cache.layers:
+        if not stepping:
+            layer.reset()
+        layer.stepping = stepping
+
+
 def preallocated_cache(num_layers: int, capacity: int):
     """A transformers ``Cache`` of ``num_layers`` preallocated layers holding ``capacity`` positions."""
     from transformers.cache_utils import Cache
