@@ -20,7 +20,13 @@ from alm_kit.config.schema import ComponentConfig, ModelConfig
 from alm_kit.data.batch import Batch
 from alm_kit.interfaces import AudioFeatures, AudioSpec, AudioTokens, DecoderInputs, PromptContext, TextInputs
 from alm_kit.layouts.sequence import IGNORE
-from alm_kit.registry import DuplicateComponentError, Registry, UnknownComponentError, get_registry
+from alm_kit.registry import (
+    ComponentLoadError,
+    DuplicateComponentError,
+    Registry,
+    UnknownComponentError,
+    get_registry,
+)
 
 
 def resolve_component(kind: str, spec: ComponentConfig, key: str, *, registry: Registry | None = None,
@@ -33,8 +39,8 @@ def resolve_component(kind: str, spec: ComponentConfig, key: str, *, registry: R
     origin = origin or (lambda _k: None)
     try:
         cls = registry.load(kind, spec.name)
-    except (UnknownComponentError, DuplicateComponentError) as exc:
-        raise ConfigError(str(exc), key=f"{key}.name", source=origin(f"{key}.name")) from None
+    except (UnknownComponentError, DuplicateComponentError, ComponentLoadError) as exc:
+        raise ConfigError(str(exc), key=f"{key}.name", source=origin(f"{key}.name")) from exc
     return cls, parse_dataclass(cls.Config, spec.params, path=f"{key}.params", origin=origin)
 
 

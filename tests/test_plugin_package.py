@@ -56,6 +56,8 @@ def plugin_installed(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(site))  # first on sys.path: wins over an editable install of the same name
     monkeypatch.delenv("ALM_KIT_LOAD_PLUGINS", raising=False)
     monkeypatch.delenv("ALM_KIT_TRACE_PLUGINS", raising=False)
+    for name in [m for m in sys.modules if m.startswith("alm_kit_logmel_cnn")]:  # imported from another copy
+        monkeypatch.delitem(sys.modules, name)
     importlib.invalidate_caches()
     return site
 
@@ -108,6 +110,15 @@ def test_registry_loads_plugin_through_entry_point(plugin_installed, monkeypatch
     for kind, name in (("projector", "mlp"), ("decoder", "causal_lm"), ("layout", "prefix")):
         assert registry.get(kind, name).provider.distribution == "alm-kit"
     assert not [group for group in registry.duplicates() if group[0].name == "logmel_cnn"]
+
+
+def test_plugins_command_shows_distribution_and_entry_point_name(plugin_installed, monkeypatch, capsys):
+    from alm_kit.cli import main
+
+    monkeypatch.setattr(manager, "_REGISTRY", build_registry())
+    assert main(["plugins"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if " logmel_cnn " in line)
+    assert line.split()[:5] == ["encoder", "logmel_cnn", DIST_NAME, DIST_VERSION, f"({EP_NAME})"]
 
 
 def test_load_plugins_env_selects_entry_points(plugin_installed, monkeypatch):
