@@ -84,6 +84,8 @@ def test_pyproject_declares_the_entry_point_the_tests_fake():
     assert {d.split(">")[0].split("=")[0].strip() for d in project["dependencies"]} >= {"alm-kit", "torch"}
     assert project["entry-points"]["alm_kit"] == {EP_NAME: EP_VALUE}
     assert data["build-system"]["build-backend"] == "setuptools.build_meta"
+    assert project["license"] == "MIT"  # an SPDX string: the {text = ...} table warns (setuptools >= 77)
+    assert data["build-system"]["requires"] == ["setuptools>=77"]
     assert (PLUGIN_DIR / "README.md").is_file()
 
 
@@ -294,11 +296,12 @@ def test_pip_install_target_writes_the_entry_point(tmp_path, monkeypatch):
     source = tmp_path / "src"
     shutil.copytree(PLUGIN_DIR, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     target = tmp_path / "target"
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+    cmd = [sys.executable, "-m", "pip", "install", "--verbose", "--no-deps", "--no-build-isolation",
            "--no-index", "--disable-pip-version-check", "--target", str(target), str(source)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         pytest.skip(f"pip could not build the plugin offline: {done.stderr[-500:]}")
+    assert "project.license" not in done.stdout + done.stderr  # no deprecation warning about the metadata
 
     dists = list(target.glob("alm_kit_logmel_cnn-*.dist-info"))
     assert [d.name for d in dists] == [f"alm_kit_logmel_cnn-{DIST_VERSION}.dist-info"]
