@@ -27,6 +27,8 @@ class ConfigError(AlmKitError):
     def __init__(self, message: str, *, key: str = "", source: str | None = None) -> None:
         self.key = key
         self.source = source
+        #: the message without the file and key
+        self.detail = message
         where = ": ".join(part for part in (source, key) if part)
         super().__init__(f"{where}: {message}" if where else message)
 
@@ -70,6 +72,8 @@ def parse_dataclass(cls: type[T], data: Any, *, path: str = "", origin: Origins 
             raise fail(f"missing required key '{name}' ({_type_name(hints[name])})", key)
     try:
         return cls(**values)
+    except ConfigError as exc:  # a __post_init__ that validates nested entries itself (chain's steps)
+        raise fail(exc.detail, _join(path, exc.key) if exc.key else path) from None
     except (ValueError, TypeError) as exc:  # __post_init__ checks
         raise fail(str(exc), _blamed_key(str(exc), data, list(fields), path, origin)) from None
 

@@ -40,17 +40,14 @@ class ChainFusion(Fusion):
         resolved: list[tuple[type, Any]] = field(default_factory=list, init=False, repr=False, compare=False)
 
         def __post_init__(self) -> None:
-            from alm_kit.config.parse import ConfigError
             from alm_kit.config.schema import ComponentConfig
             from alm_kit.model import resolve_component
 
             if len(self.steps) < 2:
                 raise ValueError("steps must list at least two fusions (a single one goes in model.fusion itself)")
-            try:
-                self.resolved = [resolve_component("fusion", ComponentConfig(step.name, dict(step.params)),
-                                                   f"steps.{i}") for i, step in enumerate(self.steps)]
-            except ConfigError as exc:  # reported under model.fusion.params by the caller
-                raise ValueError(str(exc)) from None
+            # a step's ConfigError (key steps.N...) is reported below model.fusion.params by the caller
+            self.resolved = [resolve_component("fusion", ComponentConfig(step.name, dict(step.params)),
+                                               f"steps.{i}") for i, step in enumerate(self.steps)]
 
     def __init__(self, config: Config, streams: list[StreamInfo]) -> None:
         super().__init__(config, streams)
