@@ -32,7 +32,7 @@ def with_choices(message: str, value: object, valid: Iterable[object], label: st
     "unknown projector 'mpl'; did you mean 'mlp'? Valid choices: linear, mlp" or
     "unknown projector 'x'. Valid choices: linear, mlp". ``quote`` shows the choices as ``repr``."""
     valid = list(valid)
-    listed = ", ".join(repr(v) if quote else str(v) for v in valid) or "(none registered)"
+    listed = ", ".join(repr(v) if quote else str(v) for v in valid) or "(none)"
     close = difflib.get_close_matches(str(value), [str(v) for v in valid], n=1)
     hint = f"; did you mean '{close[0]}'?" if close else "."
     return f"{message}{hint} {label}: {listed}"
