@@ -202,6 +202,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     from alm_kit.registry import get_registry
+    from alm_kit.registry.manager import BUILTIN_PLUGINS
 
     registry = get_registry()
     rows = [{"kind": e.kind, "name": e.name, "provider": e.provider.distribution, "version": e.provider.version,
@@ -210,10 +211,11 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         print(json.dumps({"components": rows, "failures": [vars(f) | {"traceback": None}
                                                             for f in registry.failures]}, indent=2))
         return 0
+    for r in rows:  # a plugin's entry-point name (what ALM_KIT_LOAD_PLUGINS selects) after its distribution
+        r["provider"] += f" {r['version']}" + ("" if r["plugin"] in BUILTIN_PLUGINS else f" ({r['plugin']})")
     widths = [max(len(r[k]) for r in rows) for k in ("kind", "name", "provider")]
     for r in rows:
-        provider = f"{r['provider']} {r['version']}"
-        print(f"{r['kind']:<{widths[0]}}  {r['name']:<{widths[1]}}  {provider:<{widths[2] + 8}}  {r['description']}")
+        print(f"{r['kind']:<{widths[0]}}  {r['name']:<{widths[1]}}  {r['provider']:<{widths[2]}}  {r['description']}")
     for group in registry.duplicates():
         print(f"\nconflict: {group[0].kind} '{group[0].name}' is registered by "
               + " and ".join(str(e.provider) for e in group), file=sys.stderr)

@@ -252,7 +252,7 @@ def test_chain_errors_name_the_step():
     from alm_kit.config.parse import ConfigError
 
     info = [StreamInfo(6, None, 50.0, 150), StreamInfo(5, None, 100.0, 300)]
-    with pytest.raises(ConfigError, match=r"model\.fusion\.params: steps\.1\.name: unknown fusion 'cross_atention'; "
+    with pytest.raises(ConfigError, match=r"model\.fusion\.params\.steps\.1\.name: unknown fusion 'cross_atention'; "
                                           "did you mean 'cross_attention'"):
         chain_of(info, ADAPTERS, ("cross_atention", {}))
     with pytest.raises(ConfigError, match=r"steps\.0\.params\.widht: unknown key"):

@@ -56,6 +56,8 @@ def plugin_installed(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(site))  # first on sys.path: wins over an editable install of the same name
     monkeypatch.delenv("ALM_KIT_LOAD_PLUGINS", raising=False)
     monkeypatch.delenv("ALM_KIT_TRACE_PLUGINS", raising=False)
+    for name in [m for m in sys.modules if m.startswith("alm_kit_logmel_cnn")]:  # imported from another copy
+        monkeypatch.delitem(sys.modules, name)
     importlib.invalidate_caches()
     return site
 
@@ -82,6 +84,8 @@ def test_pyproject_declares_the_entry_point_the_tests_fake():
     assert {d.split(">")[0].split("=")[0].strip() for d in project["dependencies"]} >= {"alm-kit", "torch"}
     assert project["entry-points"]["alm_kit"] == {EP_NAME: EP_VALUE}
     assert data["build-system"]["build-backend"] == "setuptools.build_meta"
+    assert project["license"] == "MIT"  # an SPDX string: the {text = ...} table warns (setuptools >= 77)
+    assert data["build-system"]["requires"] == ["setuptools>=77"]
     assert (PLUGIN_DIR / "README.md").is_file()
 
 
@@ -108,6 +112,15 @@ def test_registry_loads_plugin_through_entry_point(plugin_installed, monkeypatch
     for kind, name in (("projector", "mlp"), ("decoder", "causal_lm"), ("layout", "prefix")):
         assert registry.get(kind, name).provider.distribution == "alm-kit"
     assert not [group for group in registry.duplicates() if group[0].name == "logmel_cnn"]
+
+
+def test_plugins_command_shows_distribution_and_entry_point_name(plugin_installed, monkeypatch, capsys):
+    from alm_kit.cli import main
+
+    monkeypatch.setattr(manager, "_REGISTRY", build_registry())
+    assert main(["plugins"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if " logmel_cnn " in line)
+    assert line.split()[:5] == ["encoder", "logmel_cnn", DIST_NAME, DIST_VERSION, f"({EP_NAME})"]
 
 
 def test_load_plugins_env_selects_entry_points(plugin_installed, monkeypatch):
@@ -283,11 +296,12 @@ def test_pip_install_target_writes_the_entry_point(tmp_path, monkeypatch):
     source = tmp_path / "src"
     shutil.copytree(PLUGIN_DIR, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     target = tmp_path / "target"
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+    cmd = [sys.executable, "-m", "pip", "install", "--verbose", "--no-deps", "--no-build-isolation",
            "--no-index", "--disable-pip-version-check", "--target", str(target), str(source)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
         pytest.skip(f"pip could not build the plugin offline: {done.stderr[-500:]}")
+    assert "project.license" not in done.stdout + done.stderr  # no deprecation warning about the metadata
 
     dists = list(target.glob("alm_kit_logmel_cnn-*.dist-info"))
     assert [d.name for d in dists] == [f"alm_kit_logmel_cnn-{DIST_VERSION}.dist-info"]

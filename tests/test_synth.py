@@ -382,7 +382,7 @@ def test_unknown_task_lists_valid_ones(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as err:
         synthesize(tmp_path, n_train=1, n_test=0, tasks=["count_beep"], progress=False)
     message = str(err.value)
-    assert "count_beep" in message and "Did you mean 'count_beeps'" in message
+    assert "count_beep" in message and "did you mean 'count_beeps'" in message
     for task in TASKS:
         assert task in message
 

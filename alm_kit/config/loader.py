@@ -3,15 +3,41 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from alm_kit.config.parse import ConfigError, parse_dataclass
-from alm_kit.config.schema import Recipe
+from alm_kit.config.parse import COMMAND_LINE, ConfigError, parse_dataclass
+from alm_kit.config.schema import ComponentConfig, Recipe
 
-COMMAND_LINE = "command line"
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` with YAML 1.2 booleans: only ``true``/``false`` are booleans.
+
+    PyYAML follows YAML 1.1, where ``on``/``off``/``yes``/``no`` are booleans too, so
+    ``cache_features: off`` would arrive as ``False`` and fail against its choices. Here they
+    stay strings; a ``bool`` field still accepts them (``parse._convert``), so the field's type
+    decides what ``off`` means.
+    """
+
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+
+RecipeLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse recipe text: safe (data only) and with YAML 1.2 booleans (:class:`RecipeLoader`)."""
+    return yaml.load(text, Loader=RecipeLoader)  # a SafeLoader: data only, never code
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -20,7 +46,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"recipe file not found: {path}") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"not valid YAML: {exc}", source=str(path)) from None
     if data is None:
@@ -40,14 +66,40 @@ def _record(origins: dict[str, str], data: Any, source: str, prefix: str = "") -
             _record(origins, value, source, f"{prefix}.{i}" if prefix else str(i))
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Mappings merge key by key; anything else (lists included) is replaced."""
+def _component_entries(cls: type = Recipe, prefix: str = "") -> set[str]:
+    """Key paths of the component entries that are not list items (``model.projector``, ...)."""
+    found = set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        if ComponentConfig in options:
+            found.add(prefix + f.name)
+        for option in options:
+            if dataclasses.is_dataclass(option) and option is not ComponentConfig:
+                found |= _component_entries(option, f"{prefix}{f.name}.")
+    return found
+
+
+#: a child that gives one of these a different ``name`` replaces the parent's entry as a whole
+COMPONENT_ENTRIES = frozenset(_component_entries())
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any], origins: dict[str, str], path: str = "") -> dict[str, Any]:
+    """Mappings merge key by key; anything else (lists included) is replaced, and so is a component
+    entry whose ``name`` changes (the parent's ``params`` belong to the parent's component).
+    The origins of what a replacement removes are forgotten."""
     out = dict(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
+        where = f"{path}.{key}" if path else str(key)
+        old = out.get(key)
+        if isinstance(value, dict) and isinstance(old, dict) and not (
+                where in COMPONENT_ENTRIES and "name" in value and value["name"] != old.get("name")):
+            out[key] = _merge(old, value, origins, where)
+            continue
+        for stale in [k for k in origins if k.startswith(where + ".")]:
+            del origins[stale]
+        out[key] = value
     return out
 
 
@@ -63,8 +115,9 @@ def _resolve_file(path: Path, origins: dict[str, str], seen: tuple[Path, ...]) -
         if not isinstance(parent, str):
             raise ConfigError(f"'extends' must be a file path, got {parent!r}", key="extends", source=str(path))
         merged = _resolve_file(path.parent / parent, origins, (*seen, path))
+    merged = _merge(merged, data, origins)
     _record(origins, data, str(path))
-    return _merge(merged, data)
+    return merged
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -75,7 +128,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}' has an empty key", source=COMMAND_LINE)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value

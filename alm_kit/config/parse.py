@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypeVar, Union
 
-from alm_kit.errors import AlmKitError
+from alm_kit.errors import AlmKitError, with_choices
 
 T = TypeVar("T")
 
 #: keypath -> the file (or "command line") that set it
 Origins = Callable[[str], "str | None"]
+#: the origin of values given as ``key.path=value`` arguments
+COMMAND_LINE = "command line"
+#: YAML 1.1 spellings of booleans; the recipe loader keeps them as strings (YAML 1.2), bool fields accept them
+_BOOL_WORDS = {"on": True, "yes": True, "off": False, "no": False}
 
 
 class ConfigError(AlmKitError):
@@ -23,6 +27,8 @@ class ConfigError(AlmKitError):
     def __init__(self, message: str, *, key: str = "", source: str | None = None) -> None:
         self.key = key
         self.source = source
+        #: the message without the file and key
+        self.detail = message
         where = ": ".join(part for part in (source, key) if part)
         super().__init__(f"{where}: {message}" if where else message)
 
@@ -56,9 +62,7 @@ def parse_dataclass(cls: type[T], data: Any, *, path: str = "", origin: Origins 
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise fail(f"unknown key '{key}'{hint} Allowed keys: {', '.join(fields)}", _join(path, key))
+            raise fail(with_choices(f"unknown key '{key}'", key, fields, "Allowed keys"), _join(path, key))
     values = {}
     for name, field in fields.items():
         key = _join(path, name)
@@ -68,9 +72,26 @@ def parse_dataclass(cls: type[T], data: Any, *, path: str = "", origin: Origins 
             raise fail(f"missing required key '{name}' ({_type_name(hints[name])})", key)
     try:
         return cls(**values)
-    except (ValueError, TypeError) as exc:  # __post_init__ checks; messages start with the field name
-        first = str(exc).split(" ", 1)[0]
-        raise fail(str(exc), _join(path, first) if first in fields else path) from None
+    except ConfigError as exc:  # a __post_init__ that validates nested entries itself (chain's steps)
+        raise fail(exc.detail, _join(path, exc.key) if exc.key else path) from None
+    except (ValueError, TypeError) as exc:  # __post_init__ checks
+        raise fail(str(exc), _blamed_key(str(exc), data, list(fields), path, origin)) from None
+
+
+def _blamed_key(message: str, given: Mapping[str, Any], fields: list[str], path: str, origin: Origins) -> str:
+    """Where a ``__post_init__`` error is reported: at the field its message names. When it names
+    several fields the recipe sets ("kernels and strides must have the same length"), at the one
+    set last: a command-line override first, then a field from the file that set the enclosing
+    mapping last (a child recipe over its parent). No field named: the enclosing mapping."""
+    named = [word for word in dict.fromkeys(re.findall(r"[A-Za-z_]\w*", message)) if word in fields]
+    keys = [_join(path, name) for name in named if name in given]
+    if not keys:
+        return _join(path, named[0]) if named else path
+    for wanted in (COMMAND_LINE, origin(path)):
+        for key in keys:
+            if origin(key) == wanted:
+                return key
+    return keys[0]
 
 
 def _convert(tp: Any, value: Any, key: str, origin: Origins) -> Any:
@@ -96,9 +117,7 @@ def _convert(tp: Any, value: Any, key: str, origin: Origins) -> Any:
     if kind is Literal:
         if value in args:
             return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise fail(f"invalid value {value!r}{hint} Allowed: {', '.join(repr(a) for a in args)}")
+        raise fail(with_choices(f"invalid value {value!r}", value, args, "Allowed", quote=True))
     if dataclasses.is_dataclass(tp):
         return parse_dataclass(tp, value, path=key, origin=origin)
     if kind in (list, tuple) or tp in (list, tuple):
@@ -115,6 +134,8 @@ def _convert(tp: Any, value: Any, key: str, origin: Origins) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.lower()]
         raise fail(f"expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):

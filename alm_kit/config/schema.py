@@ -26,7 +26,8 @@ class ComponentConfig:
     """One component: a registered ``name``, its ``params`` and how it is trained."""
 
     name: str
-    params: dict[str, Any] = field(default_factory=dict)
+    #: validated into the component's Config; null: none (resets a parent recipe's params, docs/recipes.md)
+    params: dict[str, Any] | None = field(default_factory=dict)
     #: frozen: no gradients; full: every weight trains; lora: peft adapters only
     train: TrainMode = "full"
     #: learning rate for this component (default: training.lr)
@@ -37,6 +38,10 @@ class ComponentConfig:
     #: parameter names (glob patterns, relative to the component) that train whatever ``train`` says,
     #: e.g. a frozen Whisper's ``layer_weights`` (ALARM's learned layer mix)
     trainable: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.params is None:
+            self.params = {}
 
 
 @dataclass
@@ -232,7 +237,7 @@ class GenerationConfig:
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
         if self.num_beams > 1 and not self.use_cache:
-            raise ValueError("beam search needs use_cache: true")
+            raise ValueError("num_beams > 1 (beam search) needs use_cache: true")
         if self.num_beams > 1 and self.do_sample:
             raise ValueError("num_beams > 1 is beam search; it cannot be combined with do_sample")
         if self.num_beams > 1 and self.thinking_budget is not None:

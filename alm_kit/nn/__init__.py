@@ -1,1 +1,1 @@
-"""Shared building blocks (masks, pooling); written once, used by every component."""
+"""Shared building blocks (masks, pooling, masked normalisation); written once, used by every component."""

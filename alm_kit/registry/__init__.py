@@ -4,6 +4,7 @@ from alm_kit.registry.hookspecs import hookimpl
 from alm_kit.registry.manager import (
     KINDS,
     ComponentEntry,
+    ComponentLoadError,
     DuplicateComponentError,
     PluginFailure,
     Registry,
@@ -15,6 +16,7 @@ from alm_kit.registry.manager import (
 __all__ = [
     "KINDS",
     "ComponentEntry",
+    "ComponentLoadError",
     "DuplicateComponentError",
     "PluginFailure",
     "Registry",

@@ -9,7 +9,13 @@ import zlib
 from typing import TYPE_CHECKING, Any, Protocol
 
 from alm_kit.config.parse import ConfigError, parse_dataclass
-from alm_kit.registry.manager import DuplicateComponentError, Registry, UnknownComponentError, get_registry
+from alm_kit.registry.manager import (
+    ComponentLoadError,
+    DuplicateComponentError,
+    Registry,
+    UnknownComponentError,
+    get_registry,
+)
 
 if TYPE_CHECKING:  # torch is imported when a component is built, not with the registry
     from torch import nn
@@ -32,8 +38,8 @@ def resolve_component(kind: str, spec: ComponentSpec, key: str, *, registry: Reg
     origin = origin or (lambda _k: None)
     try:
         cls = registry.load(kind, spec.name)
-    except (UnknownComponentError, DuplicateComponentError) as exc:
-        raise ConfigError(str(exc), key=f"{key}.name", source=origin(f"{key}.name")) from None
+    except (UnknownComponentError, DuplicateComponentError, ComponentLoadError) as exc:
+        raise ConfigError(str(exc), key=f"{key}.name", source=origin(f"{key}.name")) from exc
     return cls, parse_dataclass(cls.Config, spec.params, path=f"{key}.params", origin=origin)
 
 

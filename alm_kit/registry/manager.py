@@ -14,6 +14,7 @@ import difflib
 import importlib
 import importlib.metadata as metadata
 import os
+import re
 import sys
 import traceback
 from collections.abc import Iterable
@@ -23,7 +24,7 @@ from typing import Any
 import pluggy
 
 from alm_kit._version import __version__
-from alm_kit.errors import AlmKitError
+from alm_kit.errors import AlmKitError, with_choices
 from alm_kit.registry import hookspecs
 
 #: component kind -> hook that registers it
@@ -48,6 +49,8 @@ ENTRY_POINT_GROUP = "alm_kit"
 #: comma-separated entry-point names to load (unset: all; empty: none)
 LOAD_PLUGINS_ENV = "ALM_KIT_LOAD_PLUGINS"
 TRACE_ENV = "ALM_KIT_TRACE_PLUGINS"
+#: what a string target must look like: "package.module:Class" (the attribute may be dotted)
+_TARGET = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
 
 @dataclass(frozen=True)
@@ -71,23 +74,31 @@ class ComponentEntry:
     provider: Provider
 
     def load(self) -> type:
-        """Import (if needed) and return the component class, checked against its kind's interface."""
+        """Import (if needed) and return the component class, checked against its kind's interface.
+
+        Raises :class:`ComponentLoadError` (naming the component and its plugin) when a
+        ``"module:Class"`` target does not import or the class is of the wrong kind.
+        """
         from alm_kit.interfaces import INTERFACES
 
         target = self.target
         if isinstance(target, str):
+            if not _TARGET.fullmatch(target):
+                raise ComponentLoadError(
+                    f"{self.kind} '{self.name}' from {self.provider}: target {target!r} is not 'module:Class'")
             module_name, _, attr = target.partition(":")
-            if not attr:
-                raise TypeError(f"{self.kind} '{self.name}' from {self.provider}: target {target!r} is not 'module:Class'")
             try:
-                target = getattr(importlib.import_module(module_name), attr)
+                target = importlib.import_module(module_name)
+                for part in attr.split("."):
+                    target = getattr(target, part)
             except (ImportError, AttributeError) as exc:
-                raise ImportError(
-                    f"{self.kind} '{self.name}' from {self.provider}: cannot import {target!r}: {exc}"
+                raise ComponentLoadError(
+                    f"{self.kind} '{self.name}' from {self.provider}: cannot import {self.target!r}: "
+                    f"{type(exc).__name__}: {exc}"
                 ) from exc
         base = INTERFACES[self.kind]
         if not (isinstance(target, type) and issubclass(target, base)):
-            raise TypeError(
+            raise ComponentLoadError(
                 f"{self.kind} '{self.name}' from {self.provider} is {target!r}, "
                 f"which does not subclass alm_kit.interfaces.{base.__name__}"
             )
@@ -102,21 +113,30 @@ class ComponentEntry:
 
 @dataclass
 class PluginFailure:
+    """A plugin, or one of its hooks, that registered nothing because it failed."""
+
     plugin: str
     distribution: str
     error: str
     traceback: str = ""
+    #: the component kind whose hook failed; None: the whole plugin (it did not import)
+    kind: str | None = None
 
     def __str__(self) -> str:
         return f"plugin '{self.plugin}' ({self.distribution}) failed: {self.error}"
 
 
 class UnknownComponentError(AlmKitError, LookupError):
-    """No component of that kind and name; the message lists the valid names."""
+    """No component of that kind and name; the message lists the valid names and the plugins that failed."""
 
 
 class DuplicateComponentError(AlmKitError, LookupError):
     """Two providers registered the same name; the message names both."""
+
+
+class ComponentLoadError(AlmKitError):
+    """A registered component cannot be used: its ``"module:Class"`` target does not import, or
+    the class does not subclass its kind's interface. The message names the component and plugin."""
 
 
 @dataclass
@@ -146,7 +166,12 @@ class Registry:
     def get(self, kind: str, name: str) -> ComponentEntry:
         found = self.entries[self._check_kind(kind)].get(name)
         if not found:
-            raise UnknownComponentError(unknown_message(kind, name, self.names(kind)))
+            message = unknown_message(kind, name, self.names(kind))
+            failed = [f for f in self.failures if f.kind in (None, kind)]  # those that could have provided it
+            if failed:
+                head = "A plugin failed to load; its" if len(failed) == 1 else f"{len(failed)} plugins failed to load; their"
+                message += f"\n{head} {kind}s are missing:" + "".join(f"\n  {f}" for f in failed)
+            raise UnknownComponentError(message)
         if len(found) > 1:
             providers = " and ".join(f"{e.provider} -> {e.target_path}" for e in found)
             raise DuplicateComponentError(
@@ -166,11 +191,7 @@ class Registry:
 
 
 def unknown_message(what: str, name: str, valid: Iterable[str]) -> str:
-    valid = sorted(valid)
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    choices = ", ".join(valid) if valid else "(none registered)"
-    return f"unknown {what} '{name}'{hint} Valid choices: {choices}"
+    return with_choices(f"unknown {what} '{name}'", name, sorted(valid))
 
 
 def _distribution_of(plugin_name: str, plugin: object, installed: dict[str, tuple[str, str]]) -> tuple[str, str]:
@@ -186,6 +207,11 @@ def _make_register(collected: list[ComponentEntry], kind: str, provider: Provide
     def register(name: str, component: Any, *, description: str = "") -> None:
         if not isinstance(name, str) or not name:
             raise TypeError(f"{kind} name must be a non-empty string, got {name!r}")
+        if isinstance(component, str) and not _TARGET.fullmatch(component):
+            raise TypeError(f"{kind} '{name}': {component!r} is not a 'package.module:Class' string")
+        if not isinstance(component, (str, type)):
+            raise TypeError(f"{kind} '{name}': register a class or a 'package.module:Class' string, "
+                            f"not {type(component).__name__} {component!r}")
         if not description and not isinstance(component, str):
             description = (component.__doc__ or "").strip().split("\n")[0]
         collected.append(ComponentEntry(kind, name, component, description, provider))
@@ -193,16 +219,18 @@ def _make_register(collected: list[ComponentEntry], kind: str, provider: Provide
     return register
 
 
-def _unknown_hooks(pm: pluggy.PluginManager, registry: Registry) -> None:
+def _unknown_hooks(pm: pluggy.PluginManager, registry: Registry, installed: dict[str, tuple[str, str]]) -> None:
     """A misspelled hook (``register_encoder``) would be silently ignored: report it instead."""
+    hook_kinds = {hook: kind for kind, hook in KINDS.items()}
     for name, caller in vars(pm.hook).items():
         if not isinstance(caller, pluggy.HookCaller) or caller.has_spec():
             continue
+        close = difflib.get_close_matches(name, list(hook_kinds), n=1)
         for impl in caller.get_hookimpls():
-            hint = difflib.get_close_matches(name, list(KINDS.values()), n=1)
+            dist, _version = _distribution_of(impl.plugin_name, impl.plugin, installed)
             registry.failures.append(PluginFailure(
-                impl.plugin_name, "-", f"implements unknown hook '{name}'"
-                + (f"; did you mean '{hint[0]}'?" if hint else f" (hooks: {', '.join(KINDS.values())})")))
+                impl.plugin_name, dist, with_choices(f"implements unknown hook '{name}'", name, hook_kinds, "Hooks"),
+                kind=hook_kinds[close[0]] if close else None))
 
 
 def _load_entry_points(pm: pluggy.PluginManager, registry: Registry) -> dict[str, tuple[str, str]]:
@@ -241,7 +269,7 @@ def build_registry(*, plugins: Iterable[object] = (), entry_points: bool = True)
     for plugin in plugins:
         pm.register(plugin)
     installed = _load_entry_points(pm, registry) if entry_points else {}
-    _unknown_hooks(pm, registry)
+    _unknown_hooks(pm, registry, installed)
 
     for kind, hook_name in KINDS.items():
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
@@ -258,7 +286,7 @@ def build_registry(*, plugins: Iterable[object] = (), entry_points: bool = True)
             except Exception as exc:
                 registry.failures.append(
                     PluginFailure(impl.plugin_name, dist, f"{hook_name}: {type(exc).__name__}: {exc}",
-                                  traceback.format_exc())
+                                  traceback.format_exc(), kind=kind)
                 )
     return registry
 
