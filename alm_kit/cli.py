@@ -65,7 +65,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def _generation_overrides(args: argparse.Namespace) -> dict:
     """Generation settings given on the command line (unset ones keep the recipe's)."""
     names = ("max_new_tokens", "temperature", "top_p", "top_k", "num_beams", "repetition_penalty", "seed",
-             "batch_size", "encoder_batch", "thinking", "thinking_budget")
+             "batch_size", "encoder_batch", "thinking", "thinking_budget", "cuda_graphs")
     out = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.do_sample:
         out["do_sample"] = True
@@ -84,7 +84,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise GenerationError("--prompt needs at least one --audio")
     if args.input is not None and args.output is None:
         raise GenerationError("--input needs --output (the JSONL file the answers go to)")
-    alm = ALM.from_pretrained(args.checkpoint, device=args.device)
+    alm = ALM.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)
     params = alm.engine.params(**_generation_overrides(args))
     if args.input is None:
         result = alm.generate(args.audio, args.prompt, **vars(params))
@@ -120,7 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from alm_kit.inference.api import ALM
     from alm_kit.inference.server import ALMServer, ServerLimits
 
-    alm = ALM.from_pretrained(args.checkpoint, device=args.device)
+    alm = ALM.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)
     limits = ServerLimits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_audio_seconds=args.max_audio_seconds,
                           max_tokens=args.max_tokens, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
     server = ALMServer(alm.engine, host=args.host, port=args.port, limits=limits,
@@ -152,17 +152,19 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
                    help="thinking decoders (Qwen3): thinking on/off")
     g.add_argument("--thinking-budget", type=int, help="most thought tokens before the thought is closed")
+    g.add_argument("--cuda-graphs", type=lambda v: {"on": True, "off": False}.get(v, v), choices=["auto", True, False],
+                   metavar="{auto,on,off}", help="decode steps as CUDA graphs: auto (on CUDA), on, off (eager)")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import dataclasses
     from pathlib import Path
 
-    from alm_kit.checkpoint import load_checkpoint, resolve_checkpoint
+    from alm_kit.checkpoint import resolve_checkpoint
     from alm_kit.errors import AlmKitError
     from alm_kit.evaluation.formats import read_benchmark
     from alm_kit.evaluation.runner import checkpoint_fingerprint, evaluate_benchmark
-    from alm_kit.runtime import resolve_device
+    from alm_kit.inference.api import load_model
 
     if args.plot:
         from alm_kit.evaluation.plots import _pyplot
@@ -170,8 +172,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _pyplot()  # fail before the run, not after it
     benchmark = read_benchmark(args.file, args.format, audio_root=args.audio_root)
     directory = resolve_checkpoint(args.checkpoint)
-    model, recipe = load_checkpoint(directory, device=resolve_device(args.device))
-    changes = {"mcq_template": args.template, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
+    model, recipe = load_model(directory, device=args.device, dtype=args.dtype)
+    changes = {"mcq_template": args.template, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+               "dtype": args.dtype}
     try:
         gen = dataclasses.replace(recipe.generation, **{k: v for k, v in changes.items() if v is not None})
     except ValueError as exc:
@@ -326,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-errors", action="store_true", help="answer again the examples that failed before")
     p.add_argument("--json", action="store_true", help="one example: print text, answer, thought as JSON")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weights (default: the recipe's generation.dtype; auto: bf16 on CUDA, fp32 on the CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_generation_options(p)
     p.set_defaults(func=cmd_generate)
@@ -357,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weights (default: the recipe's generation.dtype; auto: bf16 on CUDA, fp32 on the CPU)")
     p.add_argument("--model-name", help="the model id the API reports (default: the checkpoint folder's name)")
     p.add_argument("--max-batch", type=int, default=8, help="requests answered together")
     p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a request waits for company")
@@ -381,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="ignore answers saved by an earlier run")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weights (default: the recipe's generation.dtype; auto: bf16 on CUDA, fp32 on the CPU)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("import", help="convert another project's checkpoint, e.g. alm-kit import mellow v0.ckpt OUT")

@@ -435,3 +435,28 @@ def test_htsat_keeps_no_attention_maps_and_its_output_is_unchanged():
     assert torch.equal(ours.frames, theirs.frames) and torch.equal(ours.pooled, theirs.pooled)
     enc.train()
     assert all(m.training for m in enc.modules())
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_bf16_weights_keep_the_mel_front_end_in_fp32(name, encoders):
+    """``generation.dtype: bf16`` casts an encoder with ``cast_weights``: its log-mel front end stays fp32
+    (and computes outside autocast); the features are the fp32 encoder's to bf16 round-off."""
+    import copy
+
+    from alm_kit.runtime import cast_weights
+
+    enc = encoders[name]
+    low = cast_weights(copy.deepcopy(enc), torch.bfloat16)
+    fixed = [t for n, t in low.state_dict().items() if n.split(".")[-1] in ("melW", "weight")
+             and ("logmel" in n or "spectrogram" in n)]
+    assert all(t.dtype == torch.float32 for t in fixed) and (fixed or name == "whisper")
+    rate = enc.spec.sample_rate
+    waves, lengths = collate_waveforms([{name: (noise(1.5, rate, seed=i).numpy(), int(1.5 * rate))} for i in (0, 1)],
+                                       [name])
+    with torch.no_grad():
+        want = enc(waves[name], lengths[name])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = low(waves[name], lengths[name])
+    assert got.frames.dtype == torch.bfloat16
+    scale = want.frames.abs().max()
+    assert (got.frames.float() - want.frames).abs().max() < 0.08 * scale

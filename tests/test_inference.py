@@ -472,3 +472,36 @@ def test_fixed_shape_steps_give_the_eager_tokens(layout, decoder, layout_params)
     assert [g.tokens for g in sampled[0]] == [g.tokens for g in sampled[1]]  # seeded
     greedy = engine.run(requests, engine.params(max_new_tokens=24, cuda_graphs=True))
     assert [g.tokens for g in sampled[2]] == [g.tokens for g in greedy]  # top_k 1 is greedy
+
+
+def test_bf16_weights_on_the_cpu_keep_the_front_end_in_fp32(checkpoint, tones, tmp_path, capsys):
+    """``dtype: bf16``: the model body in bf16, HTS-AT's STFT and mel matrix in fp32; the answers come from
+    the same model (logits close to fp32's), and the fixed-shape steps give the eager path's tokens."""
+    from alm_kit import ALM
+    from alm_kit.cli import main
+    from alm_kit.runtime import model_dtype
+
+    fp32 = ALM.from_pretrained(checkpoint, device="cpu", dtype="fp32")
+    bf16 = ALM.from_pretrained(checkpoint, device="cpu", dtype="bf16")
+    assert ALM.from_pretrained(checkpoint, device="cpu").model.decoder.lm.dtype == torch.float32  # auto on CPU
+    htsat = bf16.model.encoders["htsat"].htsat
+    assert model_dtype(bf16.model) == torch.bfloat16 and htsat.patch_embed.proj.weight.dtype == torch.bfloat16
+    assert htsat.logmel_extractor.melW.dtype == torch.float32
+    assert htsat.spectrogram_extractor.stft.conv_real.weight.dtype == torch.float32
+    from alm_kit.inference.engine import make_batch
+
+    batch = make_batch(fp32.model, [Request(audio=[tones[0], tones[1]], prompt="which is louder?")])
+    with torch.no_grad():
+        want = fp32.model.logits(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = bf16.model.logits(batch).float()
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert (got - want).abs().max() < 0.05 * want.abs().max()  # bf16 round-off, not another model
+    requests = [Request(audio=[tones[i % 4], tones[(i + 1) % 4]], prompt=f"question {i}") for i in range(5)]
+    eager = bf16.engine.run(requests, bf16.engine.params(max_new_tokens=8, cuda_graphs=False))
+    static = bf16.engine.run(requests, bf16.engine.params(max_new_tokens=8, cuda_graphs=True))
+    assert all(g.ok for g in eager) and [g.tokens for g in static] == [g.tokens for g in eager]
+    # the command line takes it too
+    assert main(["generate", "--checkpoint", str(checkpoint), "--audio", tones[0], "--prompt", "what?",
+                 "--device", "cpu", "--dtype", "bf16", "--max-new-tokens", "3", "--json"]) == 0
+    assert "text" in capsys.readouterr().out

@@ -15,6 +15,10 @@ import sys
 import types
 from pathlib import Path
 
+import torch
+
+from alm_kit.nn.precision import keep_fp32
+
 _PACKAGE = "alm_kit._laion_clap_module"
 
 
@@ -45,12 +49,14 @@ def skip_attention_maps(module) -> None:
 
 
 def fix_front_end(module) -> None:
-    """Make the STFT and mel filterbank of torchlibrosa (which laion's code uses) constants.
+    """Make the STFT and mel filterbank of torchlibrosa (which laion's code uses) fp32 constants.
 
     torchlibrosa keeps its DFT kernels and mel matrix as parameters that it freezes itself; a
     component trained in ``full`` mode would unfreeze them, train its signal processing and leave an
     unsynchronised gradient for DDP. As buffers they keep their state-dict names (checkpoints load
-    either way) and never train.
+    either way) and never train. They also stay fp32 (:func:`~alm_kit.nn.precision.keep_fp32`) when
+    the model runs in bf16, and so does the BatchNorm over mel bins after them (``bn0``), which hands
+    the normalised log-mel on in the model's dtype.
     """
     for outer in list(module.modules()):
         if not type(outer).__module__.startswith("torchlibrosa.stft"):
@@ -59,6 +65,12 @@ def fix_front_end(module) -> None:
             for name, param in list(inner.named_parameters(recurse=False)):
                 delattr(inner, name)
                 inner.register_buffer(name, param.detach())
+    if hasattr(module, "spectrogram_extractor"):
+        keep_fp32(module.spectrogram_extractor)
+    if hasattr(module, "logmel_extractor"):
+        keep_fp32(module.logmel_extractor, output="model")
+    if isinstance(getattr(module, "bn0", None), torch.nn.BatchNorm2d):  # normalises the log-mel: fp32 too
+        keep_fp32(module.bn0, output="model")
 
 
 class NoAttentionMaps:

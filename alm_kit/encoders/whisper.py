@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from alm_kit.interfaces import AudioFeatures, AudioSpec, Encoder, StreamInfo
 from alm_kit.nn.masks import masked_mean
+from alm_kit.nn.precision import keep_fp32
 
 SAMPLE_RATE = 16000
 #: mel hop (10 ms) and the samples behind one encoder frame (conv2 has stride 2)
@@ -183,6 +184,9 @@ class WhisperEncoder(Encoder):
                                         dims.n_audio_layer)
         if state is not None:
             self.encoder.load_state_dict(state)
+        for module in self.encoder.modules():  # whisper's LayerNorm computes in fp32 by design: so do its weights
+            if isinstance(module, torch.nn.LayerNorm):
+                keep_fp32(module, output="input")
 
         n_layer = dims.n_audio_layer
         if config.layers is None:
@@ -256,12 +260,13 @@ class WhisperEncoder(Encoder):
         from whisper.audio import log_mel_spectrogram
 
         n_mels = self.dims.n_mels
-        mel = waveforms.new_zeros(waveforms.shape[0], n_mels, 2 * num_frames)
-        for i, n in enumerate(content.tolist()):
-            frames = frames_for(n)
-            clip = waveforms[i, :n]
-            clip = F.pad(clip, (0, frames * SAMPLES_PER_FRAME - clip.shape[0]))
-            mel[i, :, : 2 * frames] = log_mel_spectrogram(clip, n_mels)
+        mel = waveforms.new_zeros(waveforms.shape[0], n_mels, 2 * num_frames, dtype=torch.float32)
+        with torch.autocast(waveforms.device.type, enabled=False):  # the mel front end computes in fp32
+            for i, n in enumerate(content.tolist()):
+                frames = frames_for(n)
+                clip = waveforms[i, :n].float()
+                clip = F.pad(clip, (0, frames * SAMPLES_PER_FRAME - clip.shape[0]))
+                mel[i, :, : 2 * frames] = log_mel_spectrogram(clip, n_mels)
         return mel
 
     def forward(self, waveforms: Tensor, lengths: Tensor) -> AudioFeatures:
@@ -275,7 +280,7 @@ class WhisperEncoder(Encoder):
         isolate = self.config.pad == "none"
         content = lengths.clamp_min(1) if isolate else torch.full_like(lengths, total)
         enc = self.encoder
-        x = self.log_mel(waveforms, content, num_frames)
+        x = self.log_mel(waveforms, content, num_frames).to(enc.conv1.weight.dtype)
         x = F.gelu(enc.conv1(x))
         x = F.gelu(enc.conv2(x)).permute(0, 2, 1)
         x = (x + enc.positional_embedding[:num_frames]).to(x.dtype)

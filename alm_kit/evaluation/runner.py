@@ -30,7 +30,7 @@ PREDICTIONS = "predictions.jsonl"
 RESULTS = "results.json"
 PLOTS = "plots"
 #: generation settings that do not change an answer (left out of the cache key)
-_NOT_IN_KEY = ("batch_size", "encoder_batch")
+_NOT_IN_KEY = ("batch_size", "encoder_batch", "cuda_graphs")
 
 
 @dataclass

@@ -65,30 +65,13 @@ class ALM:
         self.engine = InferenceEngine(model, recipe.generation)
 
     @classmethod
-    def from_pretrained(cls, source: str | Path, *, device: str = "auto", overrides: Sequence[str] = ()) -> ALM:
+    def from_pretrained(cls, source: str | Path, *, device: str = "auto", dtype: str | None = None,
+                        overrides: Sequence[str] = ()) -> ALM:
         """Load an alm-kit checkpoint directory, or build a recipe (.yaml) with its pretrained parts
-        (hub ids / local paths) and randomly initialised rest. ``overrides`` are ``key.path=value``
-        recipe overrides (recipes only)."""
-        from alm_kit.runtime import resolve_device
-
-        source = Path(source)
-        target = resolve_device(device)
-        if source.is_dir():
-            from alm_kit.checkpoint import load_checkpoint
-
-            if overrides:
-                raise GenerationError("overrides apply to recipes; a checkpoint's recipe is fixed")
-            model, recipe = load_checkpoint(source, device=target)
-        elif source.suffix in (".yaml", ".yml") and source.exists():
-            from alm_kit.config import load_recipe
-            from alm_kit.model import build_model
-
-            recipe = load_recipe(source, list(overrides))
-            # the seed training uses, so random-init parts are the ones a run starts from
-            model = build_model(recipe.model, seed=recipe.training.seed).to(target).eval()
-        else:
-            raise FileNotFoundError(f"{source}: not an alm-kit checkpoint directory or a recipe .yaml file")
-        return cls(model, recipe)
+        (hub ids / local paths) and randomly initialised rest. ``dtype`` (auto | fp32 | bf16 | fp16;
+        default: the recipe's ``generation.dtype``) is the weights' dtype: auto means bf16 on CUDA.
+        ``overrides`` are ``key.path=value`` recipe overrides (recipes only)."""
+        return cls(*load_model(source, device=device, dtype=dtype, overrides=overrides))
 
     @property
     def device(self) -> torch.device:
@@ -112,3 +95,34 @@ class ALM:
                 early[i] = Generation(id=str(i), error=str(exc))
         results = iter(self.engine.run(requests, settings, progress=progress))
         return [early[i] if i in early else next(results) for i in range(len(examples))]
+
+
+def load_model(source: str | Path, *, device: str = "auto", dtype: str | None = None,
+               overrides: Sequence[str] = ()) -> tuple[AudioLanguageModel, Recipe]:
+    """A model for inference and its recipe, from a checkpoint (or run) folder or a recipe .yaml, on
+    ``device`` with weights in ``dtype`` (default: the recipe's ``generation.dtype``; see
+    :mod:`alm_kit.runtime`)."""
+    from alm_kit.runtime import cast_weights, resolve_device, weights_dtype
+
+    source = Path(source)
+    target = resolve_device(device)
+    if source.is_dir():
+        from alm_kit.checkpoint import load_checkpoint
+
+        if overrides:
+            raise GenerationError("overrides apply to recipes; a checkpoint's recipe is fixed")
+        model, recipe = load_checkpoint(source, device=target)
+    elif source.suffix in (".yaml", ".yml") and source.exists():
+        from alm_kit.config import load_recipe
+        from alm_kit.model import build_model
+
+        recipe = load_recipe(source, list(overrides))
+        # the seed training uses, so random-init parts are the ones a run starts from
+        model = build_model(recipe.model, seed=recipe.training.seed).to(target).eval()
+    else:
+        raise FileNotFoundError(f"{source}: not an alm-kit checkpoint directory or a recipe .yaml file")
+    try:
+        wanted = weights_dtype(dtype or recipe.generation.dtype, target)
+    except ValueError as exc:
+        raise GenerationError(str(exc)) from None
+    return cast_weights(model.eval(), wanted), recipe

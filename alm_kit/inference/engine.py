@@ -29,7 +29,7 @@ from alm_kit.errors import AlmKitError, GenerationError
 from alm_kit.inference.decode import RowMonitor, RowOutput, decode, end_token_ids, single_token_id
 from alm_kit.interfaces import AudioFeatures
 from alm_kit.model import AudioLanguageModel
-from alm_kit.runtime import autocast
+from alm_kit.runtime import inference_autocast
 from alm_kit.text.thinking import THINK_CLOSE, THINK_OPEN
 
 #: a path, encoded bytes, or a waveform (numpy array or tensor) with its sample rate
@@ -199,7 +199,7 @@ class InferenceEngine:
         if not good:
             return results
         device = model.device
-        with autocast(device):
+        with inference_autocast(model, device):
             batch = Batch(ids=[requests[i].id for i in good], prompts=[requests[i].prompt for i in good],
                           responses=None, clips_per_example=[len(r) for r in refs],
                           clip_keys=[distinct[c].key for ids in refs for c in ids],
@@ -299,7 +299,7 @@ class InferenceEngine:
             return results
         device = self.model.device
         decoder = self.model.decoder
-        with autocast(device):
+        with inference_autocast(self.model, device):
             pieces = []
             for i in good:
                 table = torch.tensor(ids[i], dtype=torch.long, device=device)
