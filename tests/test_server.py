@@ -201,6 +201,7 @@ def test_bad_requests_get_clear_4xx_errors_in_openai_shape(server, clips, case, 
     ("top_p", 0, "top_p"),
     ("enable_thinking", "no", "enable_thinking"),
     ("max_token", 4, "max_token"),  # a misspelt field is not ignored silently
+    ("frequency_penalty", 0.5, "frequency_penalty"),  # an OpenAI field this server does not implement
 ])
 def test_every_field_is_type_checked_and_the_400_names_it(server, clips, field, value, param):
     body = _chat("hi", clips["a"], max_tokens=2)
@@ -212,6 +213,14 @@ def test_every_field_is_type_checked_and_the_400_names_it(server, clips, field, 
     assert code == 400, reply
     assert reply["error"]["param"] == param
     assert reply["error"]["message"].startswith(f"{param}: ")
+
+
+def test_openai_fields_at_their_defaults_are_accepted(server, clips):
+    neutral = {"frequency_penalty": 0, "presence_penalty": 0.0, "logprobs": False, "tools": [],
+               "tool_choice": "auto", "response_format": {"type": "text"}, "metadata": {"who": "test"},
+               "user": "someone"}
+    code, reply = _post(server, _chat("hi", clips["a"], max_tokens=2, **neutral))
+    assert code == 200, reply
 
 
 def test_enable_thinking_is_ignored_by_a_model_without_thinking(server, clips):

@@ -99,9 +99,20 @@ class StreamOptions(_Part):
     include_usage: bool = False
 
 
+#: OpenAI fields this server does not implement, accepted when they ask for nothing beyond the
+#: default (clients and SDKs send some of them as a matter of course); other values are a 400
+_NEUTRAL: dict[str, tuple] = {
+    "frequency_penalty": (0,), "presence_penalty": (0,), "logprobs": (False,), "top_logprobs": (0,),
+    "logit_bias": ({},), "tools": ([],), "tool_choice": ("none", "auto"), "parallel_tool_calls": (True, False),
+    "response_format": ({"type": "text"},), "modalities": (["text"],),
+}
+#: OpenAI fields that only inform the provider: ignored
+_IGNORED = ("metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier")
+
+
 class ChatCompletionRequest(BaseModel):
     """OpenAI's chat-completions request, the fields this server reads. An unknown field is a 400
-    (a misspelt ``max_token`` would otherwise be ignored silently)."""
+    (a misspelt ``max_token`` would otherwise be ignored silently), as OpenAI answers it."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
@@ -123,6 +134,14 @@ class ChatCompletionRequest(BaseModel):
     enable_thinking: bool | None = Field(None, description="thinking decoders (Qwen3); ignored by models "
                                                            "without a thinking mode (prefix layout)")
     thinking_budget: int | None = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_neutral(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items()
+                if not (k in _IGNORED or k in _NEUTRAL and (v is None or v in _NEUTRAL[k]))}
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -169,6 +188,9 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
         return _error_response(400, "the request body must be a JSON object (Content-Type: application/json)",
                                code=error["type"])
     message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = (f"not a field this server reads (it reads {', '.join(ChatCompletionRequest.model_fields)})"
+                   if param not in _NEUTRAL else "not supported by this server beyond its default")
     more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     return _error_response(400, f"{param}: {message}{more}", param=param, code=error["type"])
 
