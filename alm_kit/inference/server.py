@@ -75,18 +75,18 @@ class InputAudio(_Part):
 
 class ContentPart(_Part):
     type: Literal["text", "input_audio"]
-    text: str | None = None
+    text: str = ""
     input_audio: InputAudio | None = None
 
     @model_validator(mode="after")
     def _payload(self) -> ContentPart:
-        if getattr(self, self.type) is None:
-            raise ValueError(f"a {self.type!r} part needs a {self.type!r} field")
+        if self.type == "input_audio" and self.input_audio is None:
+            raise ValueError("an 'input_audio' part needs an 'input_audio' field")
         return self
 
 
 class Message(_Part):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: list[ContentPart] | None = Field(None, description="a string, or a list of text and input_audio parts")
 
     @field_validator("content", mode="before")
