@@ -85,6 +85,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.input is not None and args.output is None:
         raise GenerationError("--input needs --output (the JSONL file the answers go to)")
     alm = ALM.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)
+    if args.thinking is not None and not alm.engine.thinking_switch:
+        print(f"note: --{'' if args.thinking else 'no-'}thinking is ignored: this model's layout "
+              f"({alm.recipe.model.layout.name}) has no thinking mode", file=sys.stderr)
     params = alm.engine.params(**_generation_overrides(args))
     if args.input is None:
         result = alm.generate(args.audio, args.prompt, **vars(params))
@@ -122,10 +125,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     alm = ALM.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)
     limits = ServerLimits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_audio_seconds=args.max_audio_seconds,
-                          max_tokens=args.max_tokens, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms)
+                          max_tokens=args.max_tokens, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                          body_timeout_s=args.body_timeout, max_connections=args.max_connections)
     server = ALMServer(alm.engine, host=args.host, port=args.port, limits=limits,
                        model_name=args.model_name or Path(args.checkpoint).resolve().name, verbose=not args.quiet)
-    print(f"serving {args.checkpoint} on {server.url} (POST /v1/chat/completions, GET /health); Ctrl-C stops")
+    print(f"serving {args.checkpoint} on {server.url} (POST /v1/chat/completions, GET /health, API page "
+          f"{server.url}/docs); Ctrl-C stops")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -370,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=25.0)
     p.add_argument("--max-audio-seconds", type=float, default=120.0)
     p.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask for")
+    p.add_argument("--body-timeout", type=float, default=60.0,
+                   help="seconds a client has to send its request body (then 408)")
+    p.add_argument("--max-connections", type=int, default=64,
+                   help="open connections and requests in progress; beyond it new requests get 503")
     p.add_argument("--quiet", action="store_true", help="no request log")
     p.set_defaults(func=cmd_serve)
 

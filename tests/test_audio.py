@@ -142,3 +142,72 @@ def test_nan_samples_are_rejected():
 
     with pytest.raises(AudioError, match="NaN"):
         check_waveform(np.array([0.0, np.nan], dtype=np.float32), "clip 3")
+
+
+def _flac(seconds: int, rate: int = 1000, known_length: bool = True) -> bytes:
+    """Silent FLAC, written a minute at a time; ``known_length=False`` clears the header's sample count
+    (as a streamed FLAC has it), so only decoding finds out how long it is."""
+    import io
+
+    buf = io.BytesIO()
+    with sf.SoundFile(buf, "w", rate, 1, format="FLAC") as f:
+        for start in range(0, seconds, 60):
+            f.write(np.zeros(min(60, seconds - start) * rate, np.float32))
+    data = bytearray(buf.getvalue())
+    if not known_length:  # STREAMINFO: the low 4 bits of byte 21 and bytes 22-25 hold the 36-bit count
+        data[21] &= 0xF0
+        data[22:26] = bytes(4)
+    return bytes(data)
+
+
+@pytest.fixture
+def frames_read(monkeypatch):
+    """Counts the frames libsndfile decodes."""
+    count = [0]
+    original = sf.SoundFile.read
+
+    def read(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        count[0] += len(out)
+        return out
+
+    monkeypatch.setattr(sf.SoundFile, "read", read)
+    return count
+
+
+def test_a_clip_over_max_seconds_is_refused_from_its_header_before_decoding(frames_read):
+    from alm_kit.audio.io import AudioBlob
+
+    blob = AudioBlob("hour.flac", _flac(3600))
+    assert len(blob.data) < 20_000  # an hour in a small upload
+    with pytest.raises(AudioError, match=r"hour.flac: audio is 3600.0 s long; at most 3 s"):
+        load_audio(blob, max_seconds=3)
+    assert frames_read[0] == 0
+    wave, rate = load_audio(blob)  # without a limit it decodes as ever
+    assert len(wave) == 3600 * rate
+
+
+def test_decoding_stops_at_max_seconds_when_the_header_does_not_say(frames_read):
+    from alm_kit.audio.io import AudioBlob
+
+    blob = AudioBlob("stream.flac", _flac(10, known_length=False))
+    with pytest.raises(AudioError, match="longer than 3 s"):
+        load_audio(blob, max_seconds=3)
+    assert frames_read[0] <= 3 * 1000 + 1
+
+
+def test_undecodable_bytes_say_why_without_object_reprs():
+    from alm_kit.audio.io import AudioBlob
+
+    with pytest.raises(AudioError) as failed:
+        load_audio(AudioBlob("upload.wav", b"hello, not a wav file"))
+    assert "upload.wav" in str(failed.value) and "Format not recognised" in str(failed.value)
+    assert " at 0x" not in str(failed.value)
+
+
+def test_many_channels_are_mixed_down_block_by_block(tmp_path):
+    path = tmp_path / "many.wav"
+    data = np.random.default_rng(0).uniform(-0.5, 0.5, (300_000, 8)).astype(np.float32)
+    sf.write(str(path), data, 16000, subtype="FLOAT")
+    wave, _ = load_audio(path)
+    np.testing.assert_allclose(wave, data.mean(axis=1), atol=1e-6)

@@ -205,6 +205,83 @@ def test_thinking_budget_closes_the_thought_and_the_answer_follows():
     assert not unbounded.budget_hit
 
 
+class _Collect:
+    """A TextStream that keeps what it receives."""
+
+    def __init__(self) -> None:
+        self.pieces: dict[str, list[str]] = {"thought": [], "answer": []}
+        self.results: list = []
+
+    def piece(self, part: str, text: str) -> None:
+        assert not self.results, "a piece after finished"
+        self.pieces[part].append(text)
+
+    def finished(self, result) -> None:
+        self.results.append(result)
+
+    def joined(self, part: str) -> str:
+        return "".join(self.pieces[part])
+
+
+def test_streamed_pieces_arrive_one_by_one_and_add_up_to_thought_and_answer():
+    engine, state, open_id, close_id = _thinking_engine()
+    streamed, plain = _requests(2)
+    sink = _Collect()
+    streamed.stream = sink
+    params = engine.params(max_new_tokens=30, min_new_tokens=30, thinking_budget=5, thinking_close="</think>")
+    results = engine.generate_batch([streamed, plain], params)
+    assert results[0].thought and results[0].answer
+    assert sink.joined("thought") == results[0].thought and sink.joined("answer") == results[0].answer
+    assert len(sink.pieces["thought"]) > 1 and len(sink.pieces["answer"]) > 1  # as generated, not at the end
+    assert sink.results == [results[0]]
+    # streaming one row changes nothing for it or its neighbour
+    state["step"] = 0
+    assert engine.generate_batch(_requests(2), params) == results
+
+
+def test_streamed_text_never_contains_what_a_stop_string_cuts():
+    engine = _engine()
+    request = _requests(1)[0]
+    free = engine.run([request], engine.params(max_new_tokens=16, min_new_tokens=16))[0]
+    stop = free.text[3:6]
+    sink = _Collect()
+    request.stream = sink
+    stopped = engine.run([request], engine.params(max_new_tokens=16, stop=[stop]))[0]
+    assert stopped.finish_reason == "stop_string"
+    assert sink.joined("answer") == stopped.answer and stop not in sink.joined("answer")
+    assert sink.pieces["thought"] == []
+
+
+@pytest.mark.parametrize("layout", ["prefix", "placeholder"])
+def test_prompt_tokens_count_the_real_prefix_positions(layout):
+    engine = _engine(layout)
+    requests = _requests(3)
+    together = engine.generate_batch(requests, engine.params(max_new_tokens=2))
+    alone = [engine.generate_batch([r], engine.params(max_new_tokens=2))[0] for r in requests]
+    assert [r.prompt_tokens for r in together] == [r.prompt_tokens for r in alone]  # padding is not counted
+    assert all(r.prompt_tokens > len(engine.tokenizer.encode(q.prompt)) for r, q in zip(alone, requests))
+
+
+def test_thinking_switch_is_ignored_by_a_layout_without_thinking(checkpoint, tones, capsys):
+    """--no-thinking on a prefix-layout model (Mellow) answers as without it and says it was ignored."""
+    import json
+
+    from alm_kit.cli import main
+
+    engine = _engine("prefix")
+    assert not engine.thinking_switch and _engine("placeholder").thinking_switch
+    request = _requests(1)[0]
+    assert (engine.run([request], engine.params(thinking=False, max_new_tokens=3))[0].tokens
+            == engine.run([request], engine.params(max_new_tokens=3))[0].tokens)
+    args = ["generate", "--checkpoint", str(checkpoint), "--audio", tones[0], "--prompt", "which?", "--json",
+            "--device", "cpu", "--max-new-tokens", "3"]
+    assert main(args + ["--no-thinking"]) == 0
+    captured = capsys.readouterr()
+    assert "--no-thinking is ignored" in captured.err and "prefix" in captured.err
+    assert main(args) == 0
+    assert json.loads(captured.out) == json.loads(capsys.readouterr().out)
+
+
 def test_thinking_switch_reaches_the_chat_template():
     engine = _engine("placeholder")
     layout = engine.model.layout

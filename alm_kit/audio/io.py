@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +30,14 @@ class AudioBlob:
 AudioSource = Path | AudioBlob
 
 
-def load_audio(path: str | Path | AudioBlob) -> tuple[np.ndarray, int]:
-    """Decode any format libsndfile reads (wav, flac, ogg, ...) to float32 mono."""
+def load_audio(path: str | Path | AudioBlob, *, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Decode any format libsndfile reads (wav, flac, ogg, ...) to float32 mono.
+
+    With ``max_seconds`` a longer clip is refused from its header, before anything is decoded,
+    and decoding stops at that length whatever the header says: a small compressed upload (an
+    hour of silent FLAC is 180 KB) cannot make the process hold hours of samples. Channels are
+    mixed down block by block, so a many-channel file never sits in memory whole.
+    """
     import soundfile as sf
 
     if isinstance(path, AudioBlob):
@@ -41,13 +48,42 @@ def load_audio(path: str | Path | AudioBlob) -> tuple[np.ndarray, int]:
             raise AudioError(f"audio file not found: {path}")
         source = str(path)
     try:
-        data, rate = sf.read(source, dtype="float32", always_2d=True)
+        with sf.SoundFile(source) as f:
+            rate = f.samplerate
+            # libsndfile reports 2**63 - 1 frames when the header does not say (a streamed FLAC)
+            if max_seconds is not None and f.frames < 2**62 and f.frames / rate > max_seconds:
+                raise AudioError(f"{path}: audio is {f.frames / rate:.1f} s long; at most {max_seconds:g} s "
+                                 f"is accepted")
+            cap = None if max_seconds is None else int(max_seconds * rate) + 1
+            wave = _read_mono(f, cap)
+    except AudioError:
+        raise
     except Exception as exc:  # libsndfile raises several types
-        raise AudioError(f"cannot decode audio file {path}: {exc}") from None
-    if data.shape[0] == 0:
+        raise AudioError(f"cannot decode audio file {path}: {_reason(exc)}") from None
+    if wave.size == 0:
         raise AudioError(f"audio file is empty (0 samples): {path}")
-    wave = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    if cap is not None and len(wave) >= cap:  # the header understated the length
+        raise AudioError(f"{path}: audio is longer than {max_seconds:g} s; at most {max_seconds:g} s is accepted")
     return check_waveform(wave, str(path)), int(rate)
+
+
+def _read_mono(f, cap: int | None) -> np.ndarray:
+    """At most ``cap`` frames of an open SoundFile, mixed to mono one block (~4 MB) at a time."""
+    block = max(1, 2**20 // f.channels)
+    parts, total = [], 0
+    while cap is None or total < cap:
+        data = f.read(block if cap is None else min(block, cap - total), dtype="float32", always_2d=True)
+        if len(data) == 0:
+            break
+        parts.append(data.mean(axis=1) if data.shape[1] > 1 else data[:, 0])
+        total += len(data)
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
+def _reason(exc: Exception) -> str:
+    """libsndfile's reason without the object reprs (``<_io.BytesIO object at 0x...>``) it names files by."""
+    reason = getattr(exc, "error_string", None) or str(exc)
+    return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the data", reason)
 
 
 def check_waveform(wave: np.ndarray, name: str = "waveform") -> np.ndarray:

@@ -11,6 +11,7 @@ decoders get a thought budget after which the thought is closed for them.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -66,6 +67,8 @@ class RowMonitor:
         self.thinking = [False] * len(prompt_ids)
         self.thought_len = [0] * len(prompt_ids)
         self.forced: list[list[int]] = [[] for _ in prompt_ids]
+        #: called with (row, its output, done) after every token a row gets (streaming); None costs nothing
+        self.on_token: Callable[[int, RowOutput, bool], object] | None = None
         for i, ids in enumerate(prompt_ids):
             if self.open_id is not None:
                 opened = max((j for j, t in enumerate(ids) if t == self.open_id), default=-1)
@@ -77,6 +80,11 @@ class RowMonitor:
 
     def push(self, row: int, token: int) -> None:
         """Record the token a row produced and decide whether the row is finished."""
+        self._record(row, token)
+        if self.on_token is not None:
+            self.on_token(row, self.rows[row], self.done[row])
+
+    def _record(self, row: int, token: int) -> None:
         out = self.rows[row]
         out.tokens.append(token)
         if self.forced[row] and self.forced[row][0] == token:

@@ -12,11 +12,12 @@ the batch still completes.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -42,6 +43,8 @@ class Request:
     prompt: str
     id: str = ""
     meta: dict = field(default_factory=dict)
+    #: receives the text while it is generated (``alm-kit serve`` with ``stream: true``)
+    stream: TextStream | None = None
 
 
 @dataclass
@@ -56,6 +59,8 @@ class Generation:
     #: "stop" (end token), "stop_string", "length", or "error"
     finish_reason: str = "error"
     tokens: list[int] = field(default_factory=list)
+    #: decoder positions before the first new token: audio tokens, prompt and template
+    prompt_tokens: int = 0
     #: the thought was closed by the thinking budget
     budget_hit: bool = False
     error: str | None = None
@@ -63,6 +68,23 @@ class Generation:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+class TextStream(Protocol):
+    """Where a streamed request's text goes, called from the thread that runs the batch.
+
+    ``piece`` gets only text that no later token can change (a stop string that may be forming,
+    trailing spaces and half a UTF-8 character wait for the next token), so the pieces of a part
+    add up to the final ``thought`` / ``answer``. The one exception: answer text followed by a
+    ``<think>`` or a second ``</think>``, which the final answer drops after it was sent.
+    Beam search sends its text when the search ends. ``finished`` comes as soon as the row is
+    done, before the rest of its batch.
+    """
+
+    def piece(self, part: str, text: str) -> None:
+        """``part`` is "thought" or "answer"."""
+
+    def finished(self, result: Generation) -> None: ...
 
 
 @dataclass
@@ -120,6 +142,10 @@ class InferenceEngine:
         self.model = model.eval()
         self.defaults = defaults or GenerationConfig()
         self.tokenizer = model.decoder.tokenizer
+        #: the layout takes a per-call thinking switch (placeholder layouts); for others (the prefix
+        #: layout) ``thinking`` is ignored: they have no thinking mode to switch
+        self.thinking_switch = "thinking" in inspect.signature(model.layout.tokenize).parameters
+        self._think_ids = (single_token_id(self.tokenizer, THINK_OPEN), single_token_id(self.tokenizer, THINK_CLOSE))
         #: seconds spent on the last batch: audio (decoding, resampling, encoders), layout, prefill,
         #: decode, and the number of decode steps
         self.last_timings: dict[str, float] = {}
@@ -206,7 +232,8 @@ class InferenceEngine:
                           features=self._features(distinct, refs, params))
             encoded = time.perf_counter()
             try:
-                inputs = model.decoder_inputs(batch, for_generation=True, thinking=params.thinking)
+                inputs = model.decoder_inputs(batch, for_generation=True,
+                                              thinking=params.thinking if self.thinking_switch else None)
             except ValueError as exc:  # a layout refusing the batch (e.g. placeholders vs clips)
                 for i in good:
                     results[i].error = str(exc)
@@ -214,13 +241,21 @@ class InferenceEngine:
             good, inputs = self._fit_context(good, inputs, params, results)
             if not good:
                 return results
+            for i, used in zip(good, _positions(inputs)):
+                results[i].prompt_tokens = used
             monitor = RowMonitor(self.tokenizer, params, end_token_ids(model.layout, self.tokenizer),
                                  [[t for t in ids if t >= 0] for ids in inputs.text.prompt_ids])
+            streams = {row: _RowStream(self, results[i], requests[i].stream, params)
+                       for row, i in enumerate(good) if requests[i].stream is not None}
+            if streams:
+                monitor.on_token = lambda row, out, done: row in streams and streams[row].update(out, done)
             laid_out = time.perf_counter()
             rows = decode(model.decoder, inputs, params, monitor)
         self.last_timings = {"audio": encoded - start, "layout": laid_out - encoded, **monitor.timings}
         for i, row in zip(good, rows):
             self._finish(results[i], row, params)
+        for row, stream in streams.items():  # beam search: text only now
+            stream.update(rows[row], done=True)
         return results
 
     def _fit_context(self, good: list[int], inputs, params: GenerationConfig,
@@ -229,8 +264,7 @@ class InferenceEngine:
         limit = context_length(self.model)
         if limit is None:
             return good, inputs
-        b, length = inputs.inputs_embeds.shape[:2]
-        used = inputs.attention_mask.sum(1).tolist() if inputs.attention_mask is not None else [length] * b
+        used = _positions(inputs)
         fits = [n + params.max_new_tokens <= limit for n in used]
         if all(fits):
             return good, inputs
@@ -249,23 +283,27 @@ class InferenceEngine:
                                          inputs.text.prompt_ids[j] for j in keep.tolist()]))
         return [i for i, ok in zip(good, fits) if ok], inputs
 
-    def _finish(self, result: Generation, row: RowOutput, params: GenerationConfig) -> None:
-        tok = self.tokenizer
-        tokens = row.tokens
-        decode_text = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
-        open_id, close_id = single_token_id(tok, THINK_OPEN), single_token_id(tok, THINK_CLOSE)
-        thought = None
-        answer_ids = tokens
+    def _decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _parts(self, tokens: list[int], opened_in_prompt: bool) -> tuple[str | None, str]:
+        """(thought, answer) of a row's tokens as decoded text, before stop strings and stripping."""
+        open_id, close_id = self._think_ids
         if close_id is not None and close_id in tokens:
             close = len(tokens) - 1 - tokens[::-1].index(close_id)
             start = tokens.index(open_id) + 1 if open_id in tokens[:close] else 0
-            thought, answer_ids = decode_text(tokens[start:close]).strip(), tokens[close + 1:]
-        elif row.opened_in_prompt or (open_id is not None and open_id in tokens):
+            return self._decode_text(tokens[start:close]), self._decode_text(tokens[close + 1:])
+        if opened_in_prompt or (open_id is not None and open_id in tokens):
             start = tokens.index(open_id) + 1 if open_id in tokens else 0
-            thought, answer_ids = decode_text(tokens[start:]).strip(), []
-        result.text = _cut(decode_text(tokens), params.stop).strip()
-        result.answer = _cut(decode_text(answer_ids), params.stop).strip()
-        result.thought = thought
+            return self._decode_text(tokens[start:]), ""
+        return None, self._decode_text(tokens)
+
+    def _finish(self, result: Generation, row: RowOutput, params: GenerationConfig) -> None:
+        tokens = row.tokens
+        thought, answer = self._parts(tokens, row.opened_in_prompt)
+        result.text = _cut(self._decode_text(tokens), params.stop).strip()
+        result.answer = _cut(answer, params.stop).strip()
+        result.thought = None if thought is None else thought.strip()
         result.tokens = list(tokens)
         result.finish_reason = row.finish_reason
         result.budget_hit = row.budget_hit
@@ -309,6 +347,7 @@ class InferenceEngine:
             monitor = RowMonitor(tok, params, end_token_ids(self.model.layout, tok), [ids[i] for i in good])
             rows = decode(decoder, inputs, params, monitor)
         for i, row in zip(good, rows):
+            results[i].prompt_tokens = len(ids[i])
             self._finish(results[i], row, params)
         return results
 
@@ -338,6 +377,74 @@ class InferenceEngine:
 def _cut(text: str, stops: Sequence[str]) -> str:
     cut = min((text.index(s) for s in stops if s and s in text), default=len(text))
     return text[:cut]
+
+
+def _positions(inputs) -> list[int]:
+    """Real (unpadded) prefix positions of each row."""
+    b, length = inputs.inputs_embeds.shape[:2]
+    return inputs.attention_mask.sum(1).tolist() if inputs.attention_mask is not None else [length] * b
+
+
+class _RowStream:
+    """Sends one row's thought and answer to its :class:`TextStream` as far as they are settled.
+
+    Text is decoded incrementally (each new token with the few before it, as TGI and vLLM do), so
+    a streamed row costs the same per token at its 2000th token as at its 10th."""
+
+    def __init__(self, engine: InferenceEngine, result: Generation, sink: TextStream,
+                 params: GenerationConfig) -> None:
+        self.engine, self.result, self.sink, self.params = engine, result, sink, params
+        self.stops = [s for s in params.stop if s]
+        self.sent = {"thought": "", "answer": ""}
+        self.raw = {"thought": "", "answer": ""}
+        self.part: str | None = None
+        self.seen = self.prefix = self.read = 0  # tokens looked at; the decode window [prefix, read)
+        self.closed = False
+
+    def update(self, row: RowOutput, done: bool) -> None:
+        if self.closed:
+            return
+        if done:
+            self.closed = True
+            self.engine._finish(self.result, row, self.params)
+            self._send("thought", self.result.thought or "")
+            self._send("answer", self.result.answer)
+            self.sink.finished(self.result)
+            return
+        tokens = row.tokens
+        if self.part is None:
+            self.part = "thought" if row.opened_in_prompt else "answer"
+        open_id, close_id = self.engine._think_ids
+        for i in range(self.seen, len(tokens)):
+            if tokens[i] in (open_id, close_id):  # the same split as InferenceEngine._parts
+                if tokens[i] == close_id or self.part == "answer":
+                    self.part = "answer" if tokens[i] == close_id else "thought"
+                    self.prefix = self.read = i + 1
+                    if self.part == "answer":  # the answer starts (again) here: keep the text flowing
+                        self.raw["answer"] = self.sent["answer"] = ""
+        self.seen = len(tokens)
+        before = self.engine._decode_text(tokens[self.prefix:self.read])
+        now = self.engine._decode_text(tokens[self.prefix:])
+        if len(now) > len(before) and not now.endswith("\ufffd"):  # not half a UTF-8 character
+            self.raw[self.part] += now[len(before):]
+            self.prefix, self.read = self.read, len(tokens)
+        self._send("thought", _settled(self.raw["thought"], []))
+        self._send("answer", _settled(_cut(self.raw["answer"], self.stops), self.stops))
+
+    def _send(self, part: str, text: str) -> None:
+        sent = self.sent[part]
+        if len(text) > len(sent) and text.startswith(sent):
+            self.sent[part] = text
+            self.sink.piece(part, text[len(sent):])
+
+
+def _settled(text: str, stops: Sequence[str]) -> str:
+    """The part of a growing text that the final (stripped, stop-cut) text will start with: without a
+    tail that may become a stop string, or trailing spaces."""
+    end = len(text) - max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    while end and text[end - 1].isspace():
+        end -= 1
+    return text[:end].lstrip()
 
 
 def generate(model: AudioLanguageModel, requests: Sequence[Request], gen: GenerationConfig, *,
