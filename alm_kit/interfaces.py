@@ -176,6 +176,9 @@ class DecoderInputs:
     truncated: int = 0
     #: the token ids the layout placed (the inference engine reads the prompt's end from them)
     text: TextInputs | None = None
+    #: labelled positions (labels != IGNORE), counted on the host by the layout; the training loss then
+    #: picks them without waiting for the device. None: the loss finds them on the device (a sync).
+    num_labels: int | None = None
 
 
 @dataclass

@@ -41,8 +41,8 @@ def model_entries(config: ModelConfig) -> list[tuple[str, ComponentConfig, str]]
 @dataclass
 class LossOutput:
     loss: Tensor
-    #: response tokens the loss averaged over
-    num_tokens: int
+    #: response tokens the loss averaged over (a device tensor: reading it waits for the device)
+    num_tokens: int | Tensor
     #: responses cut to max_response_tokens in this batch
     truncated: int = 0
 
@@ -159,15 +159,24 @@ class AudioLanguageModel(nn.Module):
         return inputs
 
     def forward(self, batch: Batch, max_response_tokens: int | None = None) -> LossOutput:
-        """Next-token cross-entropy on the response tokens only (logits computed only there)."""
+        """Next-token cross-entropy on the response tokens only (logits computed only there).
+
+        The labelled positions are picked without a host sync when the layout counted them
+        (``DecoderInputs.num_labels``): a stable sort puts them first, in order, and the next
+        ``num_labels`` positions (labelled or ignored ones) are scored; the sum is the same.
+        """
         inputs = self.decoder_inputs(batch, for_generation=False, max_response_tokens=max_response_tokens)
         hidden, _ = self.decoder(inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids)
-        targets = inputs.labels[:, 1:]
+        targets = inputs.labels[:, 1:].reshape(-1)
         where = targets != IGNORE
-        logits = self.decoder.logits(hidden[:, :-1][where])
-        count = int(where.sum())
-        loss = F.cross_entropy(logits.float(), targets[where], reduction="sum") / max(count, 1)
-        return LossOutput(loss, count, inputs.truncated)
+        if inputs.num_labels is None:
+            picked = where.nonzero().squeeze(-1)
+        else:
+            picked = torch.argsort((~where).to(torch.uint8), stable=True)[: inputs.num_labels]
+        logits = self.decoder.logits(hidden[:, :-1].reshape(-1, hidden.shape[-1])[picked])
+        count = where.sum()
+        loss = F.cross_entropy(logits.float(), targets[picked], ignore_index=IGNORE, reduction="sum")
+        return LossOutput(loss / count.clamp_min(1), count, inputs.truncated)
 
     def logits(self, batch: Batch) -> Tensor:
         """Full logits over the training layout (tests, parity checks)."""

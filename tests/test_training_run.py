@@ -303,3 +303,44 @@ def test_demo_recipe_resumes_with_the_losses_of_an_uninterrupted_run(tmp_path, m
     assert first.losses + second.losses == pytest.approx(whole.losses, abs=1e-6, rel=0)
     state = torch.load(tmp_path / "split" / "checkpoints" / "step-2" / "trainer_state.pt", weights_only=True)
     assert state["left_out"] == whole_trainer.left_out
+
+
+def test_training_steps_read_nothing_back_between_sync_points(tone_dataset, tmp_path, monkeypatch):
+    """No alm-kit code reads a tensor on the host inside a training step (``.item()``, ``.tolist()``,
+    ``bool``/``int``/``float`` of a tensor, a boolean-mask index): losses are read every ``log_every``
+    steps, and the metrics are those of a run that reads them every step."""
+    import inspect
+
+    every = run(tone_dataset, tmp_path / "every", **{"training.log_every": 1})
+    reads: list[str] = []
+    in_step = []
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            if in_step:
+                caller = inspect.stack()[1]
+                if "/alm_kit/" in caller.filename:
+                    reads.append(f"{name} at {caller.filename}:{caller.lineno}")
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    step = Trainer._train_step
+
+    def watched(self, *args):
+        in_step.append(1)
+        try:
+            return step(self, *args)
+        finally:
+            in_step.clear()
+
+    monkeypatch.setattr(Trainer, "_train_step", watched)
+    sparse = run(tone_dataset, tmp_path / "sparse", **{"training.log_every": 3})
+    assert reads == []
+    assert sparse.losses == pytest.approx(every.losses, abs=1e-6)
+    records = [json.loads(line) for line in (tmp_path / "sparse" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in records] == pytest.approx(every.losses, abs=1e-6)

@@ -21,6 +21,8 @@ class Piece:
     embeds: Tensor  # (n, d)
     attend: Tensor  # (n,) bool
     labels: Tensor  # (n,) long; IGNORE where no loss
+    #: how many of ``labels`` are not IGNORE, known on the host (the loss then needs no device sync)
+    n_labels: int = 0
 
 
 def clip_rows(audio: AudioTokens, clips_per_example: list[int]) -> list[list[tuple[Tensor, Tensor]]]:
@@ -48,7 +50,8 @@ class TextEmbedder:
         device = embeds.device
         labels = torch.tensor(ids, dtype=torch.long, device=device) if loss else torch.full(
             (len(ids),), IGNORE, dtype=torch.long, device=device)
-        return Piece(embeds, torch.ones(len(ids), dtype=torch.bool, device=device), labels)
+        return Piece(embeds, torch.ones(len(ids), dtype=torch.bool, device=device), labels,
+                     n_labels=len(ids) if loss else 0)
 
 
 def audio_piece(embeds: Tensor, mask: Tensor) -> Piece:
@@ -111,7 +114,8 @@ def stack(examples: list[list[Piece]], *, left_pad: bool, use_mask: bool = True)
     for i, (e, a, lab) in enumerate(rows):
         span = slice(longest - len(e), longest) if left_pad else slice(0, len(e))
         embeds[i, span], attend[i, span], labels[i, span] = e, a, lab
+    num_labels = sum(p.n_labels for pieces in examples for p in pieces)
     if not use_mask:
-        return DecoderInputs(embeds, None, None, labels)
+        return DecoderInputs(embeds, None, None, labels, num_labels=num_labels)
     position_ids = (attend.long().cumsum(1) - 1).clamp_min(0)
-    return DecoderInputs(embeds, attend.long(), position_ids, labels)
+    return DecoderInputs(embeds, attend.long(), position_ids, labels, num_labels=num_labels)

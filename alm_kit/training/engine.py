@@ -359,8 +359,8 @@ class Trainer:
         for batch in loader:
             with autocast(self.device, cfg.precision):
                 out = self.model(batch, max_response_tokens=cfg.max_response_tokens)
-            total += out.loss.item() * out.num_tokens
-            tokens += out.num_tokens
+            total += out.loss.item() * int(out.num_tokens)
+            tokens += int(out.num_tokens)
         return total / max(tokens, 1)
 
     # ------------------------------------------------------------------ the loop
