@@ -127,10 +127,12 @@ class AudioFeatures:
         pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
         return AudioFeatures(torch.cat([p.frames for p in parts]), torch.cat([p.mask for p in parts]), pooled)
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> AudioFeatures:
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None, *,
+           non_blocking: bool = False) -> AudioFeatures:
         """Move to ``device``; ``dtype`` casts the float tensors only."""
-        pooled = None if self.pooled is None else self.pooled.to(device=device, dtype=dtype)
-        return AudioFeatures(self.frames.to(device=device, dtype=dtype), self.mask.to(device), pooled)
+        move = dict(device=device, non_blocking=non_blocking)
+        pooled = None if self.pooled is None else self.pooled.to(dtype=dtype, **move)
+        return AudioFeatures(self.frames.to(dtype=dtype, **move), self.mask.to(**move), pooled)
 
 
 @dataclass

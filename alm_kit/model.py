@@ -109,7 +109,8 @@ class AudioLanguageModel(nn.Module):
         device = self.device
         features = {}
         for name, enc in self.encoders.items():
-            wave, length = waveforms[name].to(device), lengths[name].to(device)
+            wave = waveforms[name].to(device, non_blocking=True)
+            length = lengths[name].to(device, non_blocking=True)
             clips = max(len(wave), 1)
             step = clips_per_pass or clips
             features[name] = AudioFeatures.cat([enc(wave[s : s + step], length[s : s + step])
@@ -118,7 +119,7 @@ class AudioLanguageModel(nn.Module):
 
     def batch_features(self, batch: Batch) -> dict[str, AudioFeatures]:
         if batch.features is not None:
-            return {k: v.to(self.device) for k, v in batch.features.items()}
+            return {k: v.to(self.device, non_blocking=True) for k, v in batch.features.items()}
         if batch.waveforms is None:
             raise ValueError("batch has neither waveforms nor cached features")
         frozen = self.encoders_frozen

@@ -221,3 +221,18 @@ def test_cache_cli_refuses_a_recipe_whose_encoder_trains(tone_dataset, tmp_path,
     recipe.write_text(yaml.safe_dump(data))
     assert main(["cache", str(recipe), "--quiet"]) == 2
     assert "not every encoder is frozen" in capsys.readouterr().err
+
+
+def test_a_resident_copy_gives_the_stored_features_or_none_when_over_budget(tones, tmp_path):
+    """``training.cache_on_device``: the entries of the training clips copied into a device-memory store
+    (the CPU stands in for the GPU here) look up exactly like the disk cache; over the budget: None."""
+    model = model_with()
+    cache = disk_cache(model, tmp_path / "cache")
+    cache.fill(model, tones, progress=False)
+    resident = cache.on_device(tones + tones[:1], torch.device("cpu"), budget_bytes=1 << 30)
+    assert isinstance(resident.store, MemoryStore) and len(resident.store) == 3
+    for path in tones:
+        got, want = resident.lookup(path)["htsat"], cache.lookup(path)["htsat"]
+        assert torch.equal(got.frames, want.frames) and torch.equal(got.mask, want.mask)
+        assert torch.equal(got.pooled, want.pooled)
+    assert cache.on_device(tones, torch.device("cpu"), budget_bytes=100) is None

@@ -166,8 +166,11 @@ class TrainingConfig:
     strategy: Literal["ddp", "fsdp"] = "ddp"
     #: write TensorBoard logs to <output_dir>/tensorboard when the tensorboard package is installed
     tensorboard: bool = True
-    #: DataLoader worker processes that read and prepare audio
-    num_workers: int = 0
+    #: DataLoader worker processes that read and prepare audio; auto: 4 on CUDA when audio is decoded
+    #: (none when features come from a cache in memory), 0 on the CPU (workers would take its cores)
+    num_workers: int | Literal["auto"] = "auto"
+    #: the in-memory feature cache on the GPU: auto = when it takes under a fifth of the free GPU memory
+    cache_on_device: bool | Literal["auto"] = "auto"
     #: lm: next-token loss on the response; align: contrastive audio-text alignment (BLIP-2 stage 1)
     objective: Literal["lm", "align"] = "lm"
     align: AlignConfig = field(default_factory=AlignConfig)
@@ -180,8 +183,8 @@ class TrainingConfig:
         for name in ("epochs", "batch_size", "grad_accum_steps", "lr", "max_steps", "log_every", "save_every",
                      "keep_checkpoints", "eval_every", "eval_max_items"):
             _positive(name, getattr(self, name))
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.num_workers != "auto" and self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 or auto, got {self.num_workers}")
 
 
 @dataclass

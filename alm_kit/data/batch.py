@@ -33,6 +33,18 @@ class Batch:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def pin_memory(self) -> Batch:
+        """Page-locked copies of the tensors (DataLoader ``pin_memory``), so they reach a GPU with
+        non-blocking copies while the previous step runs."""
+        pin = lambda t: t.pin_memory() if t.device.type == "cpu" else t  # noqa: E731
+        if self.waveforms is not None:
+            self.waveforms = {k: pin(v) for k, v in self.waveforms.items()}
+            self.lengths = {k: pin(v) for k, v in self.lengths.items()}
+        if self.features is not None:
+            self.features = {k: AudioFeatures(pin(f.frames), pin(f.mask), None if f.pooled is None else pin(f.pooled))
+                             for k, f in self.features.items()}
+        return self
+
 
 class AudioTextDataset(torch.utils.data.Dataset):
     """Examples -> dicts with per-encoder waveforms, or cached encoder features when ``cache`` is given.
@@ -109,7 +121,7 @@ def collate_features(per_clip: list[Mapping[str, Any]], encoder_ids: list[str]) 
         else:
             longest = max(lengths)
             frames = rows[0].frames.new_zeros(len(rows), longest, rows[0].frames.shape[-1])
-            mask = torch.zeros(len(rows), longest, dtype=torch.bool)
+            mask = torch.zeros(len(rows), longest, dtype=torch.bool, device=rows[0].mask.device)
             for i, r in enumerate(rows):
                 frames[i, : len(r.frames)], mask[i, : len(r.mask)] = r.frames, r.mask
         pooled = None if rows[0].pooled is None else torch.stack([r.pooled for r in rows])

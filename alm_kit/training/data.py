@@ -82,13 +82,14 @@ class ManifestData:
     """
 
     def __init__(self, dataset: AudioTextDataset, batch_size: int, *, seed: int, rank: int = 0, world: int = 1,
-                 lengths: Sequence[Any] | None = None, num_workers: int = 0) -> None:
+                 lengths: Sequence[Any] | None = None, num_workers: int = 0, pin_memory: bool = False) -> None:
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = seed
         self.rank, self.world = rank, world
         self.lengths = lengths
         self.num_workers = num_workers
+        self.pin_memory = pin_memory
         self.epoch = 0
         self.index = 0
         n = len(dataset)
@@ -119,7 +120,9 @@ class ManifestData:
             # which creates one mid-epoch, would continue with other random numbers (dropout) than the original
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=mine, collate_fn=collate,
-                                                 num_workers=self.num_workers, generator=generator)
+                                                 num_workers=self.num_workers, generator=generator,
+                                                 pin_memory=self.pin_memory,
+                                                 prefetch_factor=4 if self.num_workers else None)
             for batch in loader:
                 self.index += self.world
                 yield batch

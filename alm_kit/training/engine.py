@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import random
 import signal
 import threading
@@ -176,17 +177,39 @@ class Trainer:
             tqdm.write(message)
 
     def _feature_cache(self, sources, total: int | None = None) -> FeatureCache | None:
-        """Open the cache ``training.cache_features`` asks for and encode the clips it lacks."""
-        cache = open_cache(self.model, self.recipe.training)
-        if cache is not None:
-            crops = random_crop_encoders(self.model)
-            if crops:
-                self.log(f"feature cache: encoder(s) {', '.join(crops)} crop at random in training; cached "
-                         "features use the evaluation crop (training.cache_features=off for random crops)")
-            report = cache.fill(self.model, sources, total=total, progress=self.progress)
-            where = getattr(cache.store, "root", "memory")
-            self.log(f"feature cache ({where}): {report}")
+        """Open the cache ``training.cache_features`` asks for and encode the clips it lacks; on CUDA, hold
+        it in GPU memory when ``training.cache_on_device`` allows (a list of ``sources`` only)."""
+        cfg = self.recipe.training
+        cache = open_cache(self.model, cfg)
+        if cache is None:
+            return None
+        crops = random_crop_encoders(self.model)
+        if crops:
+            self.log(f"feature cache: encoder(s) {', '.join(crops)} crop at random in training; cached "
+                     "features use the evaluation crop (training.cache_features=off for random crops)")
+        report = cache.fill(self.model, sources, total=total, progress=self.progress)
+        where = getattr(cache.store, "root", "memory")
+        self.log(f"feature cache ({where}): {report}")
+        if self.device.type == "cuda" and cfg.cache_on_device is not False and isinstance(sources, list):
+            free = torch.cuda.mem_get_info(self.device)[0]
+            budget = free if cfg.cache_on_device is True else free // 5
+            resident = cache.on_device(sources, self.device, budget)
+            if resident is not None:
+                self.log(f"feature cache: {len(resident.store)} entries held in GPU memory")
+                return resident
+            self.log("feature cache: larger than a fifth of the free GPU memory; read from "
+                     f"{where} each step (training.cache_on_device=true forces it)")
         return cache
+
+    def _workers(self) -> tuple[int, bool]:
+        """(DataLoader workers, pinned memory) for ``training.num_workers``: auto decodes audio in 4 worker
+        processes on CUDA, none when features come from GPU memory or on the CPU (its cores train)."""
+        cfg = self.recipe.training
+        cuda = self.device.type == "cuda"
+        on_gpu = self.cache is not None and getattr(self.cache.store, "device", torch.device("cpu")).type == "cuda"
+        if cfg.num_workers != "auto":
+            return cfg.num_workers, cuda and not on_gpu
+        return (min(4, os.cpu_count() or 1) if cuda and not on_gpu else 0), cuda and not on_gpu
 
     # ------------------------------------------------------------------ data
     def _training_data(self, examples: list[Example], valid: list[Example]) -> ManifestData:
@@ -197,8 +220,9 @@ class Trainer:
             self.cache = self._feature_cache(clips, total=len(clips))
         dataset = AudioTextDataset(examples, self.model.audio_specs, train=True, seed=cfg.seed, cache=self.cache)
         lengths = self._lengths(examples) if cfg.bucket_by_length else None
+        workers, pin = self._workers()
         return ManifestData(dataset, cfg.batch_size, seed=cfg.seed, rank=self.world.rank, world=self.world.size,
-                            lengths=lengths, num_workers=cfg.num_workers)
+                            lengths=lengths, num_workers=workers, pin_memory=pin)
 
     def _shard_data(self, shards: list[str], valid: list[Example]) -> ShardData:
         """Training batches streamed from this rank's WebDataset shards (alm_kit/data/shards.py)."""
@@ -209,7 +233,7 @@ class Trainer:
         data = ShardData(shards, self.model.audio_specs, cfg.batch_size, seed=cfg.seed, rank=self.world.rank,
                          world=self.world.size, shuffle_buffer=recipe.data.shuffle_buffer,
                          limit=recipe.data.max_train_examples, response_template=recipe.data.response_template,
-                         num_workers=cfg.num_workers)
+                         num_workers=self._workers()[0])
         # every rank encodes the clips of its own shards (a disk cache takes concurrent writers)
         self.cache = data.cache = self._feature_cache(
             itertools.chain(data.clips(), dict.fromkeys(p for e in valid for p in e.audio)))

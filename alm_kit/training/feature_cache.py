@@ -213,8 +213,8 @@ def to_tensors(clip: ClipFeatures, dtype: torch.dtype) -> dict[str, Tensor]:
 
 def from_tensors(tensors: dict[str, Tensor]) -> ClipFeatures:
     frames = tensors["frames"].float()
-    if "repeats" in tensors:
-        frames = frames.repeat_interleave(tensors["repeats"].long(), dim=0)
+    if "repeats" in tensors:  # output_size: no device sync when the entry lives on a GPU
+        frames = frames.repeat_interleave(tensors["repeats"].long(), dim=0, output_size=tensors["mask"].shape[0])
     pooled = tensors.get("pooled")
     return ClipFeatures(frames, tensors["mask"], None if pooled is None else pooled.float())
 
@@ -224,8 +224,9 @@ class MemoryStore:
 
     kind = "memory"
 
-    def __init__(self, dtype: StorageDtype = "float32") -> None:
+    def __init__(self, dtype: StorageDtype = "float32", device: torch.device | str = "cpu") -> None:
         self.dtype = dtype
+        self.device = torch.device(device)
         self._entries: dict[tuple[str, str], dict[str, Tensor]] = {}
 
     def prepare(self, key: str, identity: dict[str, Any]) -> None:
@@ -238,7 +239,7 @@ class MemoryStore:
         return from_tensors(self._entries[(key, digest)])
 
     def put(self, key: str, digest: str, clip: ClipFeatures) -> int:
-        tensors = to_tensors(clip, _DTYPES[self.dtype])
+        tensors = {k: v.to(self.device) for k, v in to_tensors(clip, _DTYPES[self.dtype]).items()}
         self._entries[(key, digest)] = tensors
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -379,6 +380,24 @@ class FeatureCache:
 
     def missing(self, digest: str) -> list[str]:
         return [enc for enc, key in self.keys.items() if not self.store.has(key, digest)]
+
+    def on_device(self, sources: Iterable[AudioSource], device: torch.device, budget_bytes: int) -> FeatureCache | None:
+        """A copy of this cache's entries for ``sources`` held in ``device`` memory (lookups then give
+        tensors already on the GPU: no decoding, no copies, no worker processes), or None when they
+        take more than ``budget_bytes``."""
+        store = MemoryStore(self.store.dtype, device)
+        used = 0
+        for source in _unique(sources):
+            digest = self.digest(source)
+            for key in self.keys.values():
+                if store.has(key, digest):
+                    continue
+                used += store.put(key, digest, self.store.get(key, digest))
+                if used > budget_bytes:
+                    return None
+        resident = FeatureCache(self.keys, store, self.fixed_length)
+        resident.digests = dict(self.digests)
+        return resident
 
     def lookup(self, source: AudioSource) -> dict[str, ClipFeatures]:
         digest = self.digest(source)
