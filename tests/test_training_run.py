@@ -344,3 +344,21 @@ def test_training_steps_read_nothing_back_between_sync_points(tone_dataset, tmp_
     records = [json.loads(line) for line in (tmp_path / "sparse" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in records] == pytest.approx(every.losses, abs=1e-6)
+
+
+def test_mfu_is_reported_from_the_counted_flops_of_a_step(tone_dataset, tmp_path):
+    """MFU = FLOPs of a step (counted by PyTorch's FlopCounterMode on the first micro-batch, times the
+    accumulation steps) x steps / seconds / peak; with no peak known (the CPU) there is none."""
+    flops = {}
+    for batch in (2, 4):
+        trainer = Trainer(recipe_from_dict(recipe_dict(tone_dataset, tmp_path / f"b{batch}", **{
+            "training.batch_size": batch, "training.max_steps": 3, "training.peak_tflops": 0.001,
+            "training.grad_accum_steps": 2})), progress=False)
+        trainer.fit()
+        flops[batch] = trainer.step_flops
+        records = [json.loads(line) for line in (tmp_path / f"b{batch}" / "metrics.jsonl").read_text().splitlines()]
+        for r in records:
+            assert r["mfu"] == pytest.approx(trainer.step_flops * r["step"] / r["elapsed_s"] / 1e9, rel=1e-6)
+    assert 1.6 < flops[4] / flops[2] < 2.4  # twice the examples, about twice the work
+    plain = run(tone_dataset, tmp_path / "cpu", **{"training.max_steps": 1})
+    assert "mfu" not in json.loads((plain.run_dir / "metrics.jsonl").read_text().splitlines()[0])

@@ -162,6 +162,9 @@ class TrainingConfig:
     bucket_by_length: bool = False
     #: torch.compile the decoder
     compile: bool = False
+    #: the accelerator's peak TFLOP/s for the MFU in the progress bar and metrics.jsonl (default: known
+    #: GPUs' dense bf16 peak by name; none on the CPU)
+    peak_tflops: float | None = None
     #: under torchrun: ddp (replicate the model) or fsdp (shard it with fully_shard)
     strategy: Literal["ddp", "fsdp"] = "ddp"
     #: write TensorBoard logs to <output_dir>/tensorboard when the tensorboard package is installed

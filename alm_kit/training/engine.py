@@ -113,28 +113,50 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return factor
 
 
-def unreached_parameters(model: AudioLanguageModel, objective, batch, cfg, device: torch.device) -> list[str]:
-    """Names of the trainable parameters that ``objective``'s loss on ``batch`` does not depend on.
+def probe_step(model: AudioLanguageModel, objective, batch, cfg, device: torch.device) -> tuple[list[str], int]:
+    """One training forward and backward on ``batch`` that changes nothing: the names of the trainable
+    parameters the loss does not depend on, and the FLOPs of the pass (the MFU's numerator).
 
-    One forward pass in training mode and ``torch.autograd.grad(allow_unused=True)``; buffers (BatchNorm
-    statistics) and RNG streams are put back, so the run continues as if it had not happened.
+    ``torch.autograd.grad(allow_unused=True)`` finds the unreached parameters; PyTorch's
+    ``FlopCounterMode`` counts the matmuls, convolutions and attention of forward and backward.
+    Buffers (BatchNorm statistics) and RNG streams are put back, so the run continues as if the pass
+    had not happened.
     """
+    from torch.utils.flop_counter import FlopCounterMode
+
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
-        return []
+        return [], 0
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     saved_rng = rng_state()
     model.train()
+    counter = FlopCounterMode(display=False)
     try:
-        with autocast(device, cfg.precision):
+        with counter, autocast(device, cfg.precision):
             loss = objective(model, batch, max_response_tokens=cfg.max_response_tokens).loss
-        grads = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
+            grads = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
     finally:
         with torch.no_grad():
             for name, b in model.named_buffers():
                 b.copy_(buffers[name])
         set_rng_state(saved_rng)
-    return [name for (name, _), grad in zip(trainable, grads) if grad is None]
+    return [name for (name, _), grad in zip(trainable, grads) if grad is None], int(counter.get_total_flops())
+
+
+#: dense bf16 tensor-core peaks (TFLOP/s) of common GPUs, for the MFU; training.peak_tflops overrides
+PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
+               "A10G": 125.0, "A10": 125.0, "V100": 125.0}
+
+
+def peak_tflops(device: torch.device, configured: float | None) -> float | None:
+    """The device's peak for the MFU: ``training.peak_tflops``, or the table above by GPU name (None on
+    the CPU or an unknown GPU: no MFU is reported)."""
+    if configured is not None:
+        return configured
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
 class TrainingError(AlmKitError):
@@ -171,6 +193,8 @@ class Trainer:
         self.left_out: list[str] = []
         #: what the optimizer updates (set by _setup_optimizer)
         self.trainable: list[torch.nn.Parameter] = []
+        #: FLOPs of one optimizer step (forward + backward of its micro-batches, counted on the first)
+        self.step_flops = 0
 
     def log(self, message: str) -> None:
         if self.progress:
@@ -284,16 +308,15 @@ class Trainer:
         interrupted run trained.
         """
         params = dict(self.model.named_parameters())
+        names, self.step_flops = probe_step(self.model, self.objective, batch, self.recipe.training, self.device)
+        self.step_flops *= self.recipe.training.grad_accum_steps
         if state is not None and "left_out" in state:
             names = list(state["left_out"])
-        else:
-            names = unreached_parameters(self.model, self.objective, batch, self.recipe.training, self.device)
-            if self.world.enabled:  # a parameter reached on any rank stays
-                reached = torch.tensor([n not in names for n in params if params[n].requires_grad],
-                                       dtype=torch.float32, device=self.device)
-                torch.distributed.all_reduce(reached, op=torch.distributed.ReduceOp.MAX)
-                trainable = [n for n in params if params[n].requires_grad]
-                names = [n for n, hit in zip(trainable, reached.tolist()) if not hit]
+        elif self.world.enabled:  # a parameter reached on any rank stays
+            trainable = [n for n in params if params[n].requires_grad]
+            reached = torch.tensor([n not in names for n in trainable], dtype=torch.float32, device=self.device)
+            torch.distributed.all_reduce(reached, op=torch.distributed.ReduceOp.MAX)
+            names = [n for n, hit in zip(trainable, reached.tolist()) if not hit]
         for name in names:
             params[name].requires_grad_(False)
         self.left_out = names
@@ -571,7 +594,8 @@ class Trainer:
                          tensorboard=cfg.tensorboard)
         pending: list[tuple[torch.Tensor, dict[str, Any], list[list[str]]]] = []
         saved_step = step if resumed else None
-        samples, started = 0, time.perf_counter()
+        samples, started, first_step = 0, time.perf_counter(), step
+        peak = peak_tflops(self.device, cfg.peak_tflops) if self.step_flops else None
         bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not self.progress)
 
         def sync() -> bool:
@@ -590,7 +614,8 @@ class Trainer:
             if pending:
                 last = pending[-1][1]
                 bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}",
-                                samples_s=f"{last['samples_per_s']:.1f}")
+                                samples_s=f"{last['samples_per_s']:.1f}",
+                                **({"mfu": f"{last['mfu']:.1%}"} if "mfu" in last else {}))
                 pending.clear()
             run_log.flush()
             return bool(totals[-1])
@@ -603,9 +628,11 @@ class Trainer:
                 samples += n * world.size
                 result.truncated += truncated
                 elapsed = time.perf_counter() - started
-                pending.append((losses, {"step": step, "epoch": data.state_dict().get("epoch"),
-                                         "lr": scheduler.get_last_lr()[0], "samples_per_s": samples / elapsed,
-                                         "elapsed_s": elapsed}, ids))
+                record = {"step": step, "epoch": data.state_dict().get("epoch"), "lr": scheduler.get_last_lr()[0],
+                          "samples_per_s": samples / elapsed, "elapsed_s": elapsed}
+                if peak:  # model FLOPs utilisation over this run so far, all ranks
+                    record["mfu"] = self.step_flops * world.size * (step - first_step) / elapsed / (peak * 1e12)
+                pending.append((losses, record, ids))
                 bar.update(1)
                 evaluate = bool(cfg.eval_every and step % cfg.eval_every == 0 and (recipe.data.eval or valid))
                 save = bool(cfg.save_every and step % cfg.save_every == 0 and step < total)
