@@ -189,15 +189,22 @@ def training(args, device: torch.device) -> None:
               "training.save_every=null"]
     runs = [("demo (recipes/demo.yaml)", "no cache (encoder trains)",
              load_recipe(ROOT / "recipes" / "demo.yaml", [*common, f"training.output_dir={work / 'demo'}"]))]
-    for label, cache in (("encoder every step", "off"), ("feature cache", "memory")):
+    variants = [("encoder every step", "off", False), ("feature cache", "memory", False)]
+    if not args.quick:
+        variants.append(("feature cache, training.compile", "memory", True))
+    for label, cache, compiled in variants:
         runs.append((f"Mellow shape{' (tiny)' if args.quick else ''}", label,
-                     mellow_recipe(args.quick, [*common, f"training.output_dir={work / cache}",
-                                                f"training.cache_features={cache}", "training.max_response_tokens=64"])))
+                     mellow_recipe(args.quick, [*common, f"training.output_dir={work / (cache + str(compiled))}",
+                                                f"training.cache_features={cache}", f"training.compile={compiled}",
+                                                "training.max_response_tokens=64"])))
     print(f"\n## training: alm-kit train, batch 16, {args.train_steps} steps (timed after {args.warmup}), "
           f"device {device}\n")
     print("| recipe | audio | trainable params | samples/s | TFLOP/step | MFU | peak GiB | first losses |")
     print("|---|---|---|---|---|---|---|---|")
     for name, label, recipe in runs:
+        if recipe.training.compile and time.perf_counter() - args.started > args.compile_after_s:
+            print(f"| {name} | {label} | skipped: over {args.compile_after_s} s already |")
+            continue
         try:
             r = train_rate(recipe, args.warmup, device)
             print(f"| {name} | {label} | {r['params'] / 1e6:.1f}M | {r['samples_per_s']:,.1f} | "
@@ -214,10 +221,11 @@ def main() -> None:
     parser.add_argument("--only", choices=["generation", "training"])
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args.batches = [2, 4] if args.quick else [8, 64]
+    args.batches = [2] if args.quick else [8, 64]
     args.new_tokens = 6 if args.quick else 128
-    args.train_steps, args.warmup = (4, 2) if args.quick else (60, 20)
-    args.train_examples = 32 if args.quick else 1200
+    args.train_steps, args.warmup = (3, 1) if args.quick else (60, 20)
+    args.train_examples = 16 if args.quick else 1200
+    args.compile_after_s = 240  # the compiled run (a minute or more of compilation) only with time left
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
@@ -226,7 +234,7 @@ def main() -> None:
     import transformers
 
     print(f"transformers {transformers.__version__}")
-    started = time.perf_counter()
+    started = args.started = time.perf_counter()
     if args.only in (None, "generation"):
         generation(args, device)
     if args.only in (None, "training"):
