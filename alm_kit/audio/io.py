@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from alm_kit.audio.wav import warn_if_cut_short
 from alm_kit.errors import AudioError  # noqa: F401  (re-exported)
 from alm_kit.interfaces import AudioSpec
 
@@ -37,8 +38,7 @@ def load_audio(path: str | Path | AudioBlob) -> tuple[np.ndarray, int]:
         source, path = io.BytesIO(path.data), path.name
     else:
         path = Path(path)
-        if not path.exists():
-            raise AudioError(f"audio file not found: {path}")
+        check_audio_path(path)
         source = str(path)
     try:
         data, rate = sf.read(source, dtype="float32", always_2d=True)
@@ -46,8 +46,20 @@ def load_audio(path: str | Path | AudioBlob) -> tuple[np.ndarray, int]:
         raise AudioError(f"cannot decode audio file {path}: {exc}") from None
     if data.shape[0] == 0:
         raise AudioError(f"audio file is empty (0 samples): {path}")
+    warn_if_cut_short(source, str(path))
     wave = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     return check_waveform(wave, str(path)), int(rate)
+
+
+def check_audio_path(path: Path) -> None:
+    """What can be said before decoding, said plainly: libsndfile reports a missing file, a folder
+    and an empty file alike as "Format not recognised"."""
+    if not path.exists():
+        raise AudioError(f"audio file not found: {path}")
+    if path.is_dir():
+        raise AudioError(f"{path} is a folder, not an audio file")
+    if path.stat().st_size == 0:
+        raise AudioError(f"audio file is empty (0 bytes): {path}")
 
 
 def check_waveform(wave: np.ndarray, name: str = "waveform") -> np.ndarray:
