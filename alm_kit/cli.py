@@ -6,8 +6,14 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+
+#: exit status of a command that finished but with failed items (``generate --input``, ``eval``,
+#: ``rephrase``): the output is complete except those, which a re-run (``--retry-errors``) tries again.
+#: 0 is success, 2 a user error (one ``error:`` line), 130 an interrupted ``train``.
+EXIT_FAILED_ITEMS = 3
 
 
 def _recipe(path: str, overrides: Sequence[str]):
@@ -84,10 +90,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise GenerationError("--prompt needs at least one --audio")
     if args.input is not None and args.output is None:
         raise GenerationError("--input needs --output (the JSONL file the answers go to)")
-    alm = ALM.from_pretrained(args.checkpoint, device=args.device)
-    params = alm.engine.params(**_generation_overrides(args))
     if args.input is None:
-        result = alm.generate(args.audio, args.prompt, **vars(params))
+        alm = ALM.from_pretrained(args.checkpoint, device=args.device)
+        result = alm.generate(args.audio, args.prompt, **vars(alm.engine.params(**_generation_overrides(args))))
         if args.json:
             print(json.dumps({"text": result.text, "answer": result.answer, "thought": result.thought,
                               "finish_reason": result.finish_reason}, ensure_ascii=False))
@@ -95,12 +100,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(result.text)
         return 0
     from alm_kit.inference.files import generate_file
+    from alm_kit.parallel import joined
 
-    report = generate_file(alm.engine, args.input, args.output, params, progress=not args.quiet,
-                           retry_errors=args.retry_errors)
-    print(f"{report.output}: {report.answered} answered, {report.failed} failed, "
-          f"{report.skipped} already there (of {report.total})")
-    return 1 if report.failed else 0
+    with joined() as ranks:  # under torchrun each rank answers a share of the file
+        alm = ALM.from_pretrained(args.checkpoint, device=ranks.device(args.device))
+        report = generate_file(alm.engine, args.input, args.output, alm.engine.params(**_generation_overrides(args)),
+                               progress=not args.quiet, retry_errors=args.retry_errors, ranks=ranks)
+    if not ranks.is_main:  # rank 0 reports; an early non-zero exit here would make torchrun stop it
+        return 0
+    print(report.summary())
+    return EXIT_FAILED_ITEMS if report.failed_rows else 0
 
 
 def cmd_rephrase(args: argparse.Namespace) -> int:
@@ -111,7 +120,7 @@ def cmd_rephrase(args: argparse.Namespace) -> int:
     report = rephrase_file(engine, recipe, args.input, args.output, params, limit=args.limit, retry=args.retry,
                            progress=not args.quiet)
     print(report.summary())
-    return 1 if report.failed else 0
+    return EXIT_FAILED_ITEMS if report.failed else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -162,7 +171,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from alm_kit.errors import AlmKitError
     from alm_kit.evaluation.formats import read_benchmark
     from alm_kit.evaluation.runner import checkpoint_fingerprint, evaluate_benchmark
-    from alm_kit.runtime import resolve_device
+    from alm_kit.parallel import joined
 
     if args.plot:
         from alm_kit.evaluation.plots import _pyplot
@@ -170,15 +179,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _pyplot()  # fail before the run, not after it
     benchmark = read_benchmark(args.file, args.format, audio_root=args.audio_root)
     directory = resolve_checkpoint(args.checkpoint)
-    model, recipe = load_checkpoint(directory, device=resolve_device(args.device))
-    changes = {"mcq_template": args.template, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
-    try:
-        gen = dataclasses.replace(recipe.generation, **{k: v for k, v in changes.items() if v is not None})
-    except ValueError as exc:
-        raise AlmKitError(f"bad generation setting: {exc}") from None
-    out = Path(args.out) if args.out else directory / "eval" / Path(args.file).stem
-    result = evaluate_benchmark(model, gen, benchmark, checkpoint=checkpoint_fingerprint(directory), out_dir=out,
-                                limit=args.limit, reuse=not args.fresh, progress=not args.quiet, plot=args.plot)
+    with joined() as ranks:  # under torchrun each rank answers a share of the items
+        model, recipe = load_checkpoint(directory, device=ranks.device(args.device))
+        changes = {"mcq_template": args.template, "max_new_tokens": args.max_new_tokens,
+                   "batch_size": args.batch_size}
+        try:
+            gen = dataclasses.replace(recipe.generation, **{k: v for k, v in changes.items() if v is not None})
+        except ValueError as exc:
+            raise AlmKitError(f"bad generation setting: {exc}") from None
+        out = Path(args.out) if args.out else directory / "eval" / Path(args.file).stem
+        result = evaluate_benchmark(model, gen, benchmark, checkpoint=checkpoint_fingerprint(directory),
+                                    out_dir=out, limit=args.limit, reuse=not args.fresh, progress=not args.quiet,
+                                    plot=args.plot, ranks=ranks)
+    if not ranks.is_main:  # rank 0 reports; an early non-zero exit here would make torchrun stop it
+        return 0
     print(result.markdown)
     if result.reused:
         print(f"\n{result.reused} answer(s) reused from an earlier run with the same checkpoint and settings")
@@ -189,7 +203,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if len(result.failed) > 10:
             print(f"  ... all of them in {result.files['results']}", file=sys.stderr)
     print("\n" + "\n".join(f"{name}: {path}" for name, path in result.files.items()))
-    return 0
+    return EXIT_FAILED_ITEMS if result.failed else 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -450,10 +464,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """alm-kit's own warnings as one ``warning: ...`` line (others as Python shows them)."""
+    from alm_kit.errors import AlmKitWarning
+
+    if issubclass(category, AlmKitWarning):
+        print(f"warning: {message}", file=file or sys.stderr)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from alm_kit.errors import AlmKitError
 
+    warnings.showwarning = _show_warning
     try:
         return args.func(args)
     except (AlmKitError, FileNotFoundError) as exc:
