@@ -201,9 +201,10 @@ def evaluate_benchmark(model, gen: GenerationConfig, benchmark: Benchmark | str 
         if writer is not None:
             writer.close()
     if ranks.enabled:  # every rank gets every answer (the ones it asked are its own)
-        for theirs, their_errors in ranks.gather(({i.index: predictions[i.index] for i in mine if i.index in predictions},
-                                                  {i.index: errors[i.index] for i in mine if i.index in errors})):
-            predictions.update(theirs)
+        asked = [item.index for item in mine]
+        share = ({i: predictions[i] for i in asked if i in predictions}, {i: errors[i] for i in asked if i in errors})
+        for their_predictions, their_errors in ranks.gather(share):
+            predictions.update(their_predictions)
             errors.update(their_errors)
         if cache_path is not None and ranks.is_main:
             merge_parts(cache_path, unique_ids=False)
