@@ -15,15 +15,20 @@ a run folder or its ``checkpoints`` folder, meaning the latest one (:func:`resol
 
 Loading rebuilds the model from recipe.yaml (pretrained parts come from their
 hub id / path) and applies model.safetensors on top. Files are written under a
-temporary name and renamed, so an interrupted save never leaves a broken directory,
-and ``latest`` is replaced only after its checkpoint is complete.
+temporary name, flushed to the disk (fsync of every file and folder) and only then
+renamed, so neither an interrupted save nor a power cut leaves a broken directory, and
+``latest`` is replaced only after its checkpoint is complete and durable. A save that
+fails (a full disk, say) removes its partial ``.tmp`` folder; a full disk is reported as
+a :class:`CheckpointError` naming the last good checkpoint (docs/training.md#durability).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +37,7 @@ import yaml
 from torch import nn
 
 from alm_kit._version import __version__
-from alm_kit.config.loader import dump_recipe, recipe_from_dict
+from alm_kit.config.loader import dump_recipe, load_yaml, recipe_from_dict
 from alm_kit.config.schema import Recipe
 from alm_kit.errors import CheckpointError  # noqa: F401  (re-exported)
 from alm_kit.model import AudioLanguageModel, build_model
@@ -63,7 +68,7 @@ def checkpoint_state(model: AudioLanguageModel) -> dict[str, torch.Tensor]:
 def save_checkpoint(model: AudioLanguageModel, recipe: Recipe, directory: str | Path,
                     extra_meta: dict[str, Any] | None = None, *, state: dict[str, torch.Tensor] | None = None,
                     trainer_state: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint directory atomically.
+    """Write a checkpoint directory atomically and durably (see the module docstring).
 
     ``state`` replaces ``checkpoint_state(model)`` (a sharded run passes its gathered full state);
     ``trainer_state`` (optimizer, scheduler, RNG, data position) goes to trainer_state.pt.
@@ -74,17 +79,22 @@ def save_checkpoint(model: AudioLanguageModel, recipe: Recipe, directory: str | 
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     state = checkpoint_state(model) if state is None else state
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    save_file(state, str(tmp / WEIGHTS))
-    (tmp / RECIPE).write_text(dump_recipe(recipe))
-    model.decoder.save_tokenizer(str(tmp / TOKENIZER))
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / TRAINER_STATE)
     meta = {"alm_kit_version": __version__, "tensors": len(state),
             "parameters": int(sum(v.numel() for v in state.values())), **(extra_meta or {})}
-    (tmp / META).write_text(json.dumps(meta, indent=2))
+
+    def write() -> None:
+        tmp.mkdir(parents=True)
+        save_file(state, str(tmp / WEIGHTS))
+        (tmp / RECIPE).write_text(dump_recipe(recipe))
+        model.decoder.save_tokenizer(str(tmp / TOKENIZER))
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+        (tmp / META).write_text(json.dumps(meta, indent=2))
+        sync_tree(tmp)
+
+    _writing(f"checkpoint {directory}", tmp, write)
     if directory.exists():
         old = directory.with_name(directory.name + ".old")
         if old.exists():
@@ -94,15 +104,94 @@ def save_checkpoint(model: AudioLanguageModel, recipe: Recipe, directory: str | 
         shutil.rmtree(old)
     else:
         os.replace(tmp, directory)
+    sync_path(directory.parent)  # the rename itself reaches the disk before anything names the checkpoint
     return directory
 
 
 def write_latest(checkpoints_dir: str | Path, name: str) -> None:
-    """Point ``latest`` at ``name``: a temporary file renamed over the old one (atomic on POSIX)."""
+    """Point ``latest`` at ``name``: a temporary file, flushed to the disk, renamed over the old one
+    (atomic on POSIX), and the folder flushed so that the new pointer survives a power cut."""
     checkpoints_dir = Path(checkpoints_dir)
     tmp = checkpoints_dir / f"{LATEST}.tmp"
-    tmp.write_text(name + "\n")
+
+    def write() -> None:
+        with tmp.open("w") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    _writing(f"{checkpoints_dir / LATEST} (naming {name})", tmp, write)
     os.replace(tmp, checkpoints_dir / LATEST)
+    sync_path(checkpoints_dir)
+
+
+def sync_path(path: Path) -> None:
+    """fsync one file or folder (a folder's fsync makes the names in it, renames included, durable)."""
+    if path.is_dir() and os.name != "posix":  # folders cannot be opened on Windows; NTFS journals renames
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(root: Path) -> None:
+    """fsync every file under ``root``, then every folder, deepest first, ``root`` last."""
+    paths = sorted(root.rglob("*"))
+    for path in paths:
+        if not path.is_dir():
+            sync_path(path)
+    for folder in [root, *(p for p in paths if p.is_dir())][::-1]:
+        sync_path(folder)
+
+
+#: errnos of a full disk (ENOSPC) or an exhausted quota (EDQUOT)
+_FULL_DISK = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+#: how the writers say it without an errno: safetensors ("No space left on device (os error 28)") and
+#: torch.save, whose zip writer only notices that a write came up short ("unexpected pos 704 vs 598";
+#: older versions: "PytorchStreamWriter failed writing file data/0: file write failed")
+_FULL_DISK_WORDS = ("no space left on device", "disk quota exceeded", "unexpected pos", "file write failed")
+
+
+def _is_full_disk(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in _FULL_DISK:
+            return True
+        if any(words in str(exc).lower() for words in _FULL_DISK_WORDS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _writing(what: str, tmp: Path, write: Callable[[], None]) -> None:
+    """Run ``write``, which fills ``tmp``; on failure remove ``tmp``. A full disk becomes a
+    CheckpointError that names the last good checkpoint; other errors pass through unchanged."""
+    try:
+        write()
+    except BaseException as exc:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        if not isinstance(exc, Exception) or not _is_full_disk(exc):
+            raise
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot write {what}: no space left on device ({detail}); the partial {tmp.name} "
+                              f"was removed. {_last_good(tmp.parent)}") from None
+
+
+def _last_good(folder: Path) -> str:
+    """What a failed save leaves: in a run's checkpoints folder, the checkpoint ``latest`` names."""
+    if folder.name != CHECKPOINTS:
+        return "Free some space and try again."
+    if not (folder / LATEST).is_file():
+        return "No checkpoint of this run was written before; free some space and train again."
+    try:
+        last = f"The last good checkpoint is {resolve_checkpoint(folder)}"
+    except CheckpointError as exc:
+        last = str(exc)
+    return f"{last}; free some space (or lower training.keep_checkpoints) and continue with --resume."
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -122,7 +211,17 @@ def read_recipe(directory: str | Path) -> Recipe:
     for name in (WEIGHTS, RECIPE):
         if not (directory / name).exists():
             raise CheckpointError(f"{directory} is not an alm-kit checkpoint: {name} is missing")
-    return recipe_from_dict(yaml.safe_load((directory / RECIPE).read_text()), source=str(directory / RECIPE))
+    path = directory / RECIPE
+    try:
+        data = load_yaml(path.read_text())
+    except yaml.YAMLError as exc:  # a python/... tag among them: the loader is safe and refuses it
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise CheckpointError(f"{path}: refused: {problem}{f' (line {mark.line + 1})' if mark else ''}; "
+                              "a checkpoint's recipe holds plain data only") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: refused: a recipe is a mapping, got {type(data).__name__}")
+    return recipe_from_dict(data, source=str(path))
 
 
 def differences(ours: Any, theirs: Any, key: str = "") -> list[str]:
@@ -175,7 +274,16 @@ def read_trainer_state(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / TRAINER_STATE
     if not path.exists():
         raise CheckpointError(f"{directory} holds no training state ({TRAINER_STATE}); it cannot be resumed")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refuses anything but tensors and plain containers
+        found = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "global" in line), "")
+        raise CheckpointError(f"{path}: refused: it holds Python objects other than tensors and plain containers "
+                              f"(what alm-kit writes){f' ({found})' if found else ''}; it was not loaded") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path}: cannot be read ({str(exc).strip().splitlines()[0]})") from None
 
 
 def merge_lora(model: nn.Module) -> int:

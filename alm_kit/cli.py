@@ -6,8 +6,14 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+
+#: exit status of a command that finished but with failed items (``generate --input``, ``eval``,
+#: ``rephrase``): the output is complete except those, which a re-run (``--retry-errors``) tries again.
+#: 0 is success, 2 a user error (one ``error:`` line), 130 an interrupted ``train``.
+EXIT_FAILED_ITEMS = 3
 
 
 def _recipe(path: str, overrides: Sequence[str]):
@@ -74,8 +80,17 @@ def _generation_overrides(args: argparse.Namespace) -> dict:
     return out
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _load_for_generate(args: argparse.Namespace, device: str):
     from alm_kit.inference.api import ALM
+
+    alm = ALM.from_pretrained(args.checkpoint, device=device, dtype=args.dtype)
+    if args.thinking is not None and not alm.engine.thinking_switch:
+        print(f"note: --{'' if args.thinking else 'no-'}thinking is ignored: this model's layout "
+              f"({alm.recipe.model.layout.name}) has no thinking mode", file=sys.stderr)
+    return alm
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
     from alm_kit.inference.engine import GenerationError
 
     if (args.input is None) == (args.prompt is None):
@@ -84,13 +99,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise GenerationError("--prompt needs at least one --audio")
     if args.input is not None and args.output is None:
         raise GenerationError("--input needs --output (the JSONL file the answers go to)")
-    alm = ALM.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)
-    if args.thinking is not None and not alm.engine.thinking_switch:
-        print(f"note: --{'' if args.thinking else 'no-'}thinking is ignored: this model's layout "
-              f"({alm.recipe.model.layout.name}) has no thinking mode", file=sys.stderr)
-    params = alm.engine.params(**_generation_overrides(args))
     if args.input is None:
-        result = alm.generate(args.audio, args.prompt, **vars(params))
+        alm = _load_for_generate(args, args.device)
+        result = alm.generate(args.audio, args.prompt, **vars(alm.engine.params(**_generation_overrides(args))))
         if args.json:
             print(json.dumps({"text": result.text, "answer": result.answer, "thought": result.thought,
                               "finish_reason": result.finish_reason}, ensure_ascii=False))
@@ -98,12 +109,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(result.text)
         return 0
     from alm_kit.inference.files import generate_file
+    from alm_kit.parallel import joined
 
-    report = generate_file(alm.engine, args.input, args.output, params, progress=not args.quiet,
-                           retry_errors=args.retry_errors)
-    print(f"{report.output}: {report.answered} answered, {report.failed} failed, "
-          f"{report.skipped} already there (of {report.total})")
-    return 1 if report.failed else 0
+    with joined() as ranks:  # under torchrun each rank answers a share of the file
+        alm = _load_for_generate(args, ranks.device(args.device))
+        report = generate_file(alm.engine, args.input, args.output, alm.engine.params(**_generation_overrides(args)),
+                               progress=not args.quiet, retry_errors=args.retry_errors, ranks=ranks)
+    if not ranks.is_main:  # rank 0 reports; an early non-zero exit here would make torchrun stop it
+        return 0
+    print(report.summary())
+    return EXIT_FAILED_ITEMS if report.failed_rows else 0
 
 
 def cmd_rephrase(args: argparse.Namespace) -> int:
@@ -114,7 +129,7 @@ def cmd_rephrase(args: argparse.Namespace) -> int:
     report = rephrase_file(engine, recipe, args.input, args.output, params, limit=args.limit, retry=args.retry,
                            progress=not args.quiet)
     print(report.summary())
-    return 1 if report.failed else 0
+    return EXIT_FAILED_ITEMS if report.failed else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -170,6 +185,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from alm_kit.evaluation.formats import read_benchmark
     from alm_kit.evaluation.runner import checkpoint_fingerprint, evaluate_benchmark
     from alm_kit.inference.api import load_model
+    from alm_kit.parallel import joined
 
     if args.plot:
         from alm_kit.evaluation.plots import _pyplot
@@ -177,16 +193,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _pyplot()  # fail before the run, not after it
     benchmark = read_benchmark(args.file, args.format, audio_root=args.audio_root)
     directory = resolve_checkpoint(args.checkpoint)
-    model, recipe = load_model(directory, device=args.device, dtype=args.dtype)
-    changes = {"mcq_template": args.template, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-               "dtype": args.dtype}
-    try:
-        gen = dataclasses.replace(recipe.generation, **{k: v for k, v in changes.items() if v is not None})
-    except ValueError as exc:
-        raise AlmKitError(f"bad generation setting: {exc}") from None
-    out = Path(args.out) if args.out else directory / "eval" / Path(args.file).stem
-    result = evaluate_benchmark(model, gen, benchmark, checkpoint=checkpoint_fingerprint(directory), out_dir=out,
-                                limit=args.limit, reuse=not args.fresh, progress=not args.quiet, plot=args.plot)
+    with joined() as ranks:  # under torchrun each rank answers a share of the items
+        model, recipe = load_model(directory, device=ranks.device(args.device), dtype=args.dtype)
+        changes = {"mcq_template": args.template, "max_new_tokens": args.max_new_tokens,
+                   "batch_size": args.batch_size, "dtype": args.dtype}
+        try:
+            gen = dataclasses.replace(recipe.generation, **{k: v for k, v in changes.items() if v is not None})
+        except ValueError as exc:
+            raise AlmKitError(f"bad generation setting: {exc}") from None
+        out = Path(args.out) if args.out else directory / "eval" / Path(args.file).stem
+        result = evaluate_benchmark(model, gen, benchmark, checkpoint=checkpoint_fingerprint(directory),
+                                    out_dir=out, limit=args.limit, reuse=not args.fresh, progress=not args.quiet,
+                                    plot=args.plot, ranks=ranks)
+    if not ranks.is_main:  # rank 0 reports; an early non-zero exit here would make torchrun stop it
+        return 0
     print(result.markdown)
     if result.reused:
         print(f"\n{result.reused} answer(s) reused from an earlier run with the same checkpoint and settings")
@@ -197,7 +217,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if len(result.failed) > 10:
             print(f"  ... all of them in {result.files['results']}", file=sys.stderr)
     print("\n" + "\n".join(f"{name}: {path}" for name, path in result.files.items()))
-    return 0
+    return EXIT_FAILED_ITEMS if result.failed else 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -468,10 +488,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """alm-kit's own warnings as one ``warning: ...`` line (others as Python shows them)."""
+    from alm_kit.errors import AlmKitWarning
+
+    if issubclass(category, AlmKitWarning):
+        print(f"warning: {message}", file=file or sys.stderr)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from alm_kit.errors import AlmKitError
 
+    warnings.showwarning = _show_warning
     try:
         return args.func(args)
     except (AlmKitError, FileNotFoundError) as exc:

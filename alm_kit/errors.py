@@ -10,6 +10,11 @@ class AlmKitError(ValueError):
     """Base class: the message says which file/key/line and what is allowed."""
 
 
+class AlmKitWarning(UserWarning):
+    """Something a user should know that does not stop the work (a WAV cut short, repeated ids);
+    the CLI prints it as one ``warning: ...`` line."""
+
+
 class AudioError(AlmKitError):
     """A clip cannot be used; the message names the file and why."""
 

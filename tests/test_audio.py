@@ -211,3 +211,37 @@ def test_many_channels_are_mixed_down_block_by_block(tmp_path):
     sf.write(str(path), data, 16000, subtype="FLOAT")
     wave, _ = load_audio(path)
     np.testing.assert_allclose(wave, data.mean(axis=1), atol=1e-6)
+
+
+def test_a_folder_or_an_empty_file_is_named_as_such(tmp_path):
+    """libsndfile calls both "Format not recognised"."""
+    (tmp_path / "clips.wav").mkdir()
+    with pytest.raises(AudioError, match=f"^{tmp_path / 'clips.wav'} is a folder, not an audio file$"):
+        load_audio(tmp_path / "clips.wav")
+    (tmp_path / "zero.wav").write_bytes(b"")
+    with pytest.raises(AudioError, match=r"^audio file is empty \(0 bytes\): .*zero.wav$"):
+        load_audio(tmp_path / "zero.wav")
+
+
+def test_a_wav_cut_short_decodes_with_a_warning(tmp_path):
+    import warnings
+
+    from alm_kit.audio.io import AudioBlob
+    from alm_kit.errors import AlmKitWarning
+
+    whole = tmp_path / "whole.wav"
+    write_tone(whole, seconds=1.0)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(data[: 44 + 16000])  # the header and half of the 32000 bytes of samples
+    with pytest.warns(AlmKitWarning, match=r"cut.wav: WAV data cut short: the header declares 32000 bytes of "
+                                           r"samples, the file holds 16000 \(50%\)"):
+        wave, _ = load_audio(cut)
+    assert len(wave) == 8000
+    with pytest.warns(AlmKitWarning, match="blob.wav: WAV data cut short"):
+        load_audio(AudioBlob("blob.wav", data[: 44 + 100]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # whole files, and other formats, are quiet
+        load_audio(whole)
+        write_tone(tmp_path / "t.flac")
+        load_audio(tmp_path / "t.flac")

@@ -122,3 +122,73 @@ def test_the_demo_recipe_under_torchrun_matches_one_process(tmp_path):
     mine = dict(ddp.named_parameters())  # parameters; BatchNorm statistics are each rank's own under DDP
     for name, tensor in reference.named_parameters():
         torch.testing.assert_close(mine[name], tensor, rtol=1e-3, atol=1e-4, msg=name)
+
+
+# --------------------------------------------------------------------------- data-parallel inference
+@pytest.fixture
+def inference_inputs(tmp_path):
+    """A toy checkpoint, a generate input (a missing clip and a malformed line among 9) and an MCQ file."""
+    from alm_kit.checkpoint import save_checkpoint
+    from alm_kit.model import build_model
+    from tests.conftest import write_tone
+
+    recipe = recipe_from_dict(tiny_recipe_dict(**{"generation.max_new_tokens": 4, "generation.batch_size": 2}))
+    checkpoint = save_checkpoint(build_model(recipe.model, seed=0).eval(), recipe, tmp_path / "ckpt")
+    (tmp_path / "clips").mkdir()
+    tones = [write_tone(tmp_path / "clips" / f"{i}.wav", 250.0 * (i + 1), 0.5 + 0.25 * i) for i in range(4)]
+    rows = [json.dumps({"id": f"q{i}", "audio": [tones[i % 4], tones[(i + 1) % 4]][: 1 + i % 2],
+                        "prompt": "which tone is higher? " * (1 + i % 3)}) for i in range(7)]
+    rows.insert(4, json.dumps({"id": "gone", "audio": "clips/none.wav", "prompt": "?"}))
+    rows.insert(6, '{"id": "cut", "audio": ')
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(rows) + "\n")
+    items = [{"id": f"p{i}", "audio": [f"clips/{i % 4}.wav", f"clips/{(i + 1) % 4}.wav"],
+              "question": f"which tone is higher ({i})?", "choices": ["first", "second"], "answer": "second"}
+             for i in range(7)]
+    items.insert(3, {"id": "gone", "audio": ["clips/none.wav"], "question": "?", "choices": ["a", "b"], "answer": "a"})
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return checkpoint, source, bench
+
+
+@pytest.mark.slow
+def test_generate_and_eval_under_torchrun_equal_a_one_process_run(tmp_path, inference_inputs, capsys):
+    """Each rank answers a share, rank 0 merges in input order; the resume state (answered rows, a
+    part file of an interrupted torchrun run, the answer cache) is picked up as in one process."""
+    from alm_kit.cli import EXIT_FAILED_ITEMS, main
+
+    checkpoint, source, bench = inference_inputs
+    common = ["--checkpoint", str(checkpoint), "--input", str(source), "--quiet", "--device", "cpu"]
+    assert main(["generate", *common, "--output", str(tmp_path / "one.jsonl")]) == EXIT_FAILED_ITEMS
+    assert main(["eval", str(checkpoint), str(bench), "--out", str(tmp_path / "eval-one"), "--quiet",
+                 "--device", "cpu"]) == EXIT_FAILED_ITEMS
+    capsys.readouterr()
+    one = (tmp_path / "one.jsonl").read_text().splitlines()
+    assert len(one) == 9 and [json.loads(line)["id"] for line in one][4:7] == ["gone", "q4", "in-7"]
+
+    # an interrupted earlier run: two rows in the output, one (and a cut line) in rank 1's part file
+    (tmp_path / "two.jsonl").write_text(one[0] + "\n" + one[5] + "\n")
+    (tmp_path / "two.jsonl.part1").write_text(one[2] + "\n" + one[3][:20])
+    (tmp_path / "eval-two").mkdir()
+    cached = (tmp_path / "eval-one" / "predictions.jsonl").read_text().splitlines()
+    (tmp_path / "eval-two" / "predictions.jsonl.part1").write_text("\n".join(cached[:2]) + "\n")
+
+    out = torchrun("-m", "alm_kit", "generate", *common, "--output", str(tmp_path / "two.jsonl"), cwd=tmp_path)
+    assert "(of 9)" in out.stdout and out.stdout.count("answered") == 1, out.stdout + out.stderr[-3000:]
+    # q0, q4 and (from the part file) q2 were there; of the other six, "gone" and "cut" fail
+    assert "4 answered, 2 failed, 3 already there" in out.stdout
+    assert (tmp_path / "two.jsonl").read_text().splitlines() == one
+    assert not list(tmp_path.glob("two.jsonl.part*"))
+
+    out = torchrun("-m", "alm_kit", "eval", str(checkpoint), str(bench), "--out", str(tmp_path / "eval-two"),
+                   "--quiet", "--device", "cpu", cwd=tmp_path)
+    assert "2 answer(s) reused" in out.stdout and out.stdout.count("### jsonl") == 1, out.stdout + out.stderr[-3000:]
+    mine, theirs = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("eval-one", "eval-two"))
+    assert theirs["predictions"] == mine["predictions"] and theirs["table"] == mine["table"]
+    assert theirs["failed"] == mine["failed"] and [f["id"] for f in mine["failed"]] == ["gone"]
+    assert ((tmp_path / "eval-two" / "bench.predictions.jsonl").read_text()
+            == (tmp_path / "eval-one" / "bench.predictions.jsonl").read_text())
+    cache = (tmp_path / "eval-two" / "predictions.jsonl").read_text().splitlines()
+    assert sorted(cache) == sorted(cached) and not list((tmp_path / "eval-two").glob("*.part*"))
+    # rank 0 exits like one process, "finished with failed items"; torchrun reports it as a failure
+    assert out.returncode != 0 and f"rank      : 0 (local_rank: 0)\n  exitcode  : {EXIT_FAILED_ITEMS}" in out.stderr

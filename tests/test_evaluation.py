@@ -176,7 +176,7 @@ def checkpoint(tmp_path_factory):
 
 
 def test_cli_eval_on_two_audio_jsonl(checkpoint, tmp_path, capsys):
-    from alm_kit.cli import main
+    from alm_kit.cli import EXIT_FAILED_ITEMS, main
 
     (tmp_path / "clips").mkdir()
     rows = []
@@ -189,7 +189,7 @@ def test_cli_eval_on_two_audio_jsonl(checkpoint, tmp_path, capsys):
                  "choices": ["first", "second"], "answer": "first", "task": "pitch"})
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert main(["eval", str(checkpoint), str(path), "--quiet"]) == 0
+    assert main(["eval", str(checkpoint), str(path), "--quiet"]) == EXIT_FAILED_ITEMS  # finished, one item failed
     captured = capsys.readouterr()
     assert "### jsonl: pairs.jsonl (4 items, string_match)" in captured.out
     assert "| pitch |" in captured.out and "1 item(s) failed" in captured.err and "gone: audio file not found" in captured.err
@@ -201,7 +201,7 @@ def test_cli_eval_on_two_audio_jsonl(checkpoint, tmp_path, capsys):
     assert all(isinstance(r["model_prediction"], str) for r in annotated) and annotated[3]["model_prediction"] == ""
     # the same run again: nothing is generated
     plot = ["--plot"] if importlib.util.find_spec("matplotlib") else []
-    assert main(["eval", str(checkpoint), str(path), "--quiet", *plot]) == 0
+    assert main(["eval", str(checkpoint), str(path), "--quiet", *plot]) == EXIT_FAILED_ITEMS
     assert "3 answer(s) reused" in capsys.readouterr().out
     assert json.loads((out / "results.json").read_text())["predictions"] == summary["predictions"]
     if plot:

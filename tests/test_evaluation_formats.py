@@ -141,3 +141,30 @@ def test_annotated_file_keeps_the_structure_and_adds_the_official_keys(tmp_path)
         assert bench.container == ("jsonl" if bench.path.suffix == ".jsonl" else "json")
         assert len(rows) == 1  # only the items asked
         assert rows[0] == {**bench.records[0], **{k: "some answer" for k in keys}}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"choices": "ABCD"}, r"item 2 \(id m2\): choices must be a non-empty list of strings, got str \"ABCD\""),
+    ({"choices": [["a"], "b"]}, r"item 2 \(id m2\): choices must be a non-empty list of strings, got list"),
+    ({"choices": []}, r"item 2 \(id m2\): choices must be a non-empty list"),
+    ({"question": None}, r"item 2 \(id m2\): question must be a string, got null"),
+    ({"question": {"text": "?"}}, r"item 2 \(id m2\): question must be a string, got \{\"text\": \"\?\"\}"),
+], ids=["choices-string", "choices-nested", "choices-empty", "question-null", "question-object"])
+def test_items_with_a_string_of_choices_or_no_question_are_refused_by_name(tmp_path, change, message):
+    records = json.loads(mmau(tmp_path).read_text())
+    records[1].update(change)
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(records))
+    with pytest.raises(ManifestError, match=message):
+        read_benchmark(path)
+
+
+def test_repeated_item_ids_are_warned_about(tmp_path):
+    from alm_kit.errors import AlmKitWarning
+
+    records = json.loads(mmau(tmp_path).read_text())
+    records[1]["id"] = records[0]["id"]
+    path = tmp_path / "twice.json"
+    path.write_text(json.dumps(records))
+    with pytest.warns(AlmKitWarning, match=r"twice.json: repeated ids: m1$"):
+        assert len(read_benchmark(path).items) == 2

@@ -419,34 +419,73 @@ def test_mellow_wrapper_has_the_reference_call_shape_and_is_greedy(checkpoint, t
 def test_generate_cli_answers_a_jsonl_file_and_resumes(checkpoint, tones, tmp_path, capsys):
     import json
 
-    from alm_kit.cli import main
+    from alm_kit.cli import EXIT_FAILED_ITEMS, main
 
     source = tmp_path / "in.jsonl"
     rows = [{"id": f"q{i}", "audio": [tones[i % 4], tones[(i + 1) % 4]], "prompt": f"question {i}"} for i in range(5)]
-    rows.append({"id": "bad", "audio": str(tmp_path / "missing.wav"), "prompt": "?"})
+    rows.insert(3, {"id": "bad", "audio": str(tmp_path / "missing.wav"), "prompt": "?"})
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out.jsonl"
     # a first run that was interrupted after two answers (and a half-written line)
-    first = [{"id": "q0", "text": "kept", "error": None}, {"id": "q1", "text": "kept", "error": None}]
+    first = [{"id": "q1", "text": "kept", "error": None}, {"id": "q0", "text": "kept", "error": None}]
     out.write_text("".join(json.dumps(r) + "\n" for r in first) + '{"id": "q2", "te')
     code = main(["generate", "--checkpoint", str(checkpoint), "--input", str(source), "--output", str(out),
                  "--quiet", "--max-new-tokens", "4", "--device", "cpu"])
-    assert code == 1  # one example failed
-    assert "3 answered, 1 failed, 2 already there" in capsys.readouterr().out
+    assert code == EXIT_FAILED_ITEMS  # finished, but one example failed
+    assert "3 answered, 1 failed, 2 already there (of 6)\n" in capsys.readouterr().out
     records = [json.loads(line) for line in out.read_text().splitlines()]  # the cut line is gone
+    assert [r["id"] for r in records] == [r["id"] for r in rows]  # in input order
     by_id = {r["id"]: r for r in records}
-    assert len(records) == len(by_id) == 6
     assert by_id["q0"]["text"] == "kept"  # not answered again
     assert "not found" in by_id["bad"]["error"]
     for i in (2, 3, 4):
         assert by_id[f"q{i}"]["error"] is None and by_id[f"q{i}"]["finish_reason"] in ("stop", "length")
-    # a second run has nothing left to do; --retry-errors retries only the failed one
+    # a second run has nothing left to do, but a failed row remains: still not a success
     assert main(["generate", "--checkpoint", str(checkpoint), "--input", str(source), "--output", str(out),
-                 "--quiet", "--device", "cpu"]) == 0
-    assert "0 answered, 0 failed, 6 already there" in capsys.readouterr().out
-    main(["generate", "--checkpoint", str(checkpoint), "--input", str(source), "--output", str(out), "--quiet",
-          "--retry-errors", "--device", "cpu"])
-    assert "0 answered, 1 failed, 5 already there" in capsys.readouterr().out
+                 "--quiet", "--device", "cpu"]) == EXIT_FAILED_ITEMS
+    assert ("0 answered, 0 failed, 6 already there (of 6); 1 row(s) failed in an earlier run (--retry-errors"
+            in capsys.readouterr().out)
+    # --retry-errors retries only the failed one
+    assert main(["generate", "--checkpoint", str(checkpoint), "--input", str(source), "--output", str(out), "--quiet",
+                 "--retry-errors", "--device", "cpu"]) == EXIT_FAILED_ITEMS
+    assert "0 answered, 1 failed, 5 already there (of 6)\n" in capsys.readouterr().out
+    # once the clip is there, the retry answers it and the run succeeds
+    (tmp_path / "missing.wav").write_bytes(open(tones[0], "rb").read())
+    assert main(["generate", "--checkpoint", str(checkpoint), "--input", str(source), "--output", str(out), "--quiet",
+                 "--retry-errors", "--device", "cpu"]) == 0
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [r["id"] for r in rows]
+
+
+def test_a_malformed_input_line_fails_alone(checkpoint, tones, tmp_path, capsys):
+    import json
+
+    from alm_kit.cli import EXIT_FAILED_ITEMS, main
+
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join([
+        json.dumps({"id": "q0", "audio": tones[0], "prompt": "first"}),
+        '{"id": "q1", "audio": "a.wav", "prompt": ',                 # cut JSON
+        json.dumps({"id": "q2", "audio": tones[1]}),                  # no prompt
+        json.dumps(["not", "an", "object"]),
+        json.dumps({"id": "q4", "audio": tones[2], "prompt": "last"}),
+    ]) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = ["generate", "--checkpoint", str(checkpoint), "--input", str(source), "--output", str(out), "--quiet",
+            "--max-new-tokens", "3", "--device", "cpu"]
+    assert main(args) == EXIT_FAILED_ITEMS
+    assert "2 answered, 3 failed, 0 already there (of 5)" in capsys.readouterr().out
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in records] == ["q0", "in-2", "q2", "in-4", "q4"]
+    assert [r["error"] is None for r in records] == [True, False, False, False, True]
+    assert records[1]["line"] == 2 and f"{source}:2: not valid JSON" in records[1]["error"]
+    assert "missing field 'prompt'" in records[2]["error"] and "expected a JSON object" in records[3]["error"]
+    # the fixed line is answered by the next run; the others still fail
+    lines = source.read_text().splitlines()
+    lines[1] = json.dumps({"id": "q1", "audio": tones[3], "prompt": "second"})
+    source.write_text("\n".join(lines) + "\n")
+    assert main(args) == EXIT_FAILED_ITEMS
+    assert "1 answered, 0 failed, 4 already there (of 5)" in capsys.readouterr().out
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["q0", "q1", "q2", "in-4", "q4", "in-2"]
 
 
 def test_generate_file_results_win_over_input_fields(checkpoint, tones, tmp_path):

@@ -6,6 +6,7 @@ import json
 import signal
 
 import pytest
+import safetensors
 import torch
 import yaml
 
@@ -95,7 +96,8 @@ def test_crash_while_saving_keeps_latest_on_a_whole_checkpoint_and_the_cli_resum
             run(tone_dataset, tmp_path / "crash", **{"training.save_every": 2})
     checkpoints = tmp_path / "crash" / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step-2"
-    assert (checkpoints / "step-4.tmp").exists() and not (checkpoints / "step-4").exists()
+    assert not (checkpoints / "step-4").exists() and not (checkpoints / "step-4.tmp").exists()  # partial removed
+    (checkpoints / "step-4.tmp").mkdir()  # what a killed process leaves: the next save replaces it
     load_checkpoint(tmp_path / "crash")  # the latest is whole
 
     recipe = tmp_path / "crash.yaml"
@@ -107,6 +109,173 @@ def test_crash_while_saving_keeps_latest_on_a_whole_checkpoint_and_the_cli_resum
     metrics = [json.loads(line) for line in (tmp_path / "crash" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in metrics] == pytest.approx(whole.losses, abs=1e-6, rel=0)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-2", "step-4", "step-6"]
+
+
+KILLED_AFTER_A_CHECKPOINT = """
+import os, sys
+import yaml
+from alm_kit.config.loader import recipe_from_dict
+from alm_kit.training.engine import train
+from alm_kit.training.resume import RunCheckpoints
+
+mark = RunCheckpoints.mark_latest
+
+def mark_and_die(self, checkpoint):
+    mark(self, checkpoint)
+    if checkpoint.name == "step-4":
+        os._exit(9)  # like kill -9: no cleanup, no flush of Python's buffers
+
+RunCheckpoints.mark_latest = mark_and_die
+train(recipe_from_dict(yaml.safe_load(open(sys.argv[1]))), progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_a_checkpoint_has_every_metric_up_to_it(tone_dataset, tmp_path):
+    """Metrics reach the disk at every checkpoint, not only every log_every steps: a run killed
+    (kill -9) after one and resumed has a record for every step."""
+    import os
+    import subprocess
+    import sys
+
+    changes = {"training.save_every": 2, "training.log_every": 100}
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_dict(tone_dataset, tmp_path / "run", **changes)))
+    (tmp_path / "worker.py").write_text(KILLED_AFTER_A_CHECKPOINT)
+    out = subprocess.run([sys.executable, str(tmp_path / "worker.py"), str(recipe)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert out.returncode == 9, out.stderr[-3000:]
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4]
+    second = run(tone_dataset, tmp_path / "run", resume=True, **changes)
+    assert second.resumed_from.name == "step-4"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in records[4:]] == second.losses
+
+
+@pytest.mark.parametrize("writer, error", [
+    ("safetensors.torch.save_file", lambda: safetensors.SafetensorError(
+        "Error while serializing: I/O error: No space left on device (os error 28)")),
+    ("torch.save", lambda: RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")),
+    ("pathlib.Path.write_text", lambda: OSError(28, "No space left on device")),
+], ids=["safetensors", "torch.save", "write_text"])
+def test_a_full_disk_is_named_with_the_last_good_checkpoint_and_leaves_no_partial(tone_dataset, tmp_path,
+                                                                                  monkeypatch, writer, error):
+    """What each writer raised on a full 64 KiB tmpfs (os error 28; torch.save only sees a short write)."""
+    import pkgutil
+
+    real, calls = pkgutil.resolve_name(writer), []
+
+    def fill_the_disk_on_the_second_checkpoint(*args, **kwargs):
+        calls.append(args)
+        if len([c for c in calls if "step-4.tmp" in str(c)]) == 1:
+            raise error()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(writer, fill_the_disk_on_the_second_checkpoint)
+    with pytest.raises(CheckpointError) as failure:
+        run(tone_dataset, tmp_path / "run", **{"training.save_every": 2})
+    checkpoints = tmp_path / "run" / "checkpoints"
+    message = str(failure.value)
+    assert message.startswith(f"cannot write checkpoint {checkpoints / 'step-4'}: no space left on device (")
+    assert f"the partial step-4.tmp was removed. The last good checkpoint is {checkpoints / 'step-2'}" in message
+    assert "\n" not in message
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-2"]
+    load_checkpoint(tmp_path / "run")
+
+
+def test_a_full_disk_before_the_first_checkpoint_is_one_line_from_the_cli(tone_dataset, tmp_path, monkeypatch,
+                                                                         capsys):
+    import errno
+
+    from alm_kit.cli import main
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_dict(tone_dataset, tmp_path / "run", **{"training.max_steps": 1})))
+    assert main(["train", str(recipe), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write checkpoint ") and "no space left on device" in err
+    assert "No checkpoint of this run was written before; free some space and train again." in err
+    assert len(err.strip().splitlines()) == 1
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
+
+
+def test_checkpoint_files_and_folders_reach_the_disk_before_the_renames_that_publish_them(tone_dataset, tmp_path,
+                                                                                         monkeypatch):
+    import os
+
+    from alm_kit.training.resume import RunCheckpoints
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    def recording_replace(src, dst):
+        events.append(("rename", str(src), str(dst)))
+        return replace(src, dst)
+
+    if not os.path.exists("/proc/self/fd"):
+        pytest.skip("needs /proc to name the file descriptors")
+    trainer = Trainer(recipe_from_dict(recipe_dict(tone_dataset, tmp_path / "run", **{"training.max_steps": 1})),
+                      progress=False)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    trainer.fit()
+    checkpoints = RunCheckpoints(tmp_path / "run", None).dir
+    tmp, final = checkpoints / "step-1.tmp", checkpoints / "step-1"
+    publish = events.index(("rename", str(tmp), str(final)))
+    synced_before = {e[1] for e in events[:publish] if e[0] == "fsync"}
+    written = {str(p).replace(str(final), str(tmp)) for p in final.rglob("*")} | {str(tmp)}
+    assert written <= synced_before, sorted(written - synced_before)
+    latest = events.index(("rename", str(checkpoints / "latest.tmp"), str(checkpoints / "latest")))
+    # the checkpoint's own rename is durable before `latest` names it, and `latest` after its rename
+    assert ("fsync", str(checkpoints)) in events[publish:latest]
+    assert ("fsync", str(checkpoints / "latest.tmp")) in events[publish:latest]
+    assert ("fsync", str(checkpoints)) in events[latest:]
+
+
+def test_a_malicious_trainer_state_or_recipe_is_refused_in_one_line(tone_dataset, tmp_path, capsys):
+    """weights_only loading and the safe YAML loader refuse code; the CLI says so without a traceback."""
+    import os
+
+    from alm_kit.cli import main
+
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_dict(tone_dataset, tmp_path / "run", **{"training.max_steps": 1})))
+    assert main(["train", str(recipe), "--quiet"]) == 0
+    checkpoint = resolve_checkpoint(tmp_path / "run")
+    capsys.readouterr()
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    torch.save({"step": 1, "optimizer": Payload()}, checkpoint / "trainer_state.pt")
+    assert main(["train", str(recipe), "--quiet", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {checkpoint / 'trainer_state.pt'}: refused: it holds Python objects other than "
+                          "tensors") and "system" in err and len(err.strip().splitlines()) == 1
+
+    (checkpoint / "recipe.yaml").write_text("name: x\nmodel: !!python/object/apply:os.system ['touch pwned']\n")
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"audio": "audio/t0.wav", "question": "?", "choices": ["a", "b"], "answer": "a"}))
+    for args in (["train", str(recipe), "--quiet", "--resume"],
+                 ["generate", "--checkpoint", str(tmp_path / "run"), "--audio", "x.wav", "--prompt", "?"],
+                 ["eval", str(checkpoint), str(bench)]):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {checkpoint / 'recipe.yaml'}: refused: could not determine a constructor for "
+                              "the tag 'tag:yaml.org,2002:python/object/apply:os.system' (line 2)"), err
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_only_the_last_k_checkpoints_are_kept(tone_dataset, tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from alm_kit.audio.wav import warn_if_cut_short
 from alm_kit.errors import AudioError  # noqa: F401  (re-exported)
 from alm_kit.interfaces import AudioSpec
 
@@ -44,8 +45,7 @@ def load_audio(path: str | Path | AudioBlob, *, max_seconds: float | None = None
         source, path = io.BytesIO(path.data), path.name
     else:
         path = Path(path)
-        if not path.exists():
-            raise AudioError(f"audio file not found: {path}")
+        check_audio_path(path)
         source = str(path)
     try:
         with sf.SoundFile(source) as f:
@@ -64,6 +64,7 @@ def load_audio(path: str | Path | AudioBlob, *, max_seconds: float | None = None
         raise AudioError(f"audio file is empty (0 samples): {path}")
     if cap is not None and len(wave) >= cap:  # the header understated the length
         raise AudioError(f"{path}: audio is longer than {max_seconds:g} s; at most {max_seconds:g} s is accepted")
+    warn_if_cut_short(source, str(path))
     return check_waveform(wave, str(path)), int(rate)
 
 
@@ -84,6 +85,17 @@ def _reason(exc: Exception) -> str:
     """libsndfile's reason without the object reprs (``<_io.BytesIO object at 0x...>``) it names files by."""
     reason = getattr(exc, "error_string", None) or str(exc)
     return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the data", reason)
+
+
+def check_audio_path(path: Path) -> None:
+    """What can be said before decoding, said plainly: libsndfile reports a missing file, a folder
+    and an empty file alike as "Format not recognised"."""
+    if not path.exists():
+        raise AudioError(f"audio file not found: {path}")
+    if path.is_dir():
+        raise AudioError(f"{path} is a folder, not an audio file")
+    if path.stat().st_size == 0:
+        raise AudioError(f"audio file is empty (0 bytes): {path}")
 
 
 def check_waveform(wave: np.ndarray, name: str = "waveform") -> np.ndarray:

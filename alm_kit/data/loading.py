@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from alm_kit.config.schema import Recipe
-from alm_kit.data.manifest import Example, check_audio_files, read_manifest
+from alm_kit.data.manifest import Example, check_audio_files, read_manifest, warn_repeated_ids
 from alm_kit.text.templates import apply_response_template
 
 
@@ -29,4 +29,5 @@ def load_examples(recipe: Recipe, path: str, limit: int | None) -> tuple[list[Ex
                                        template)
     if limit is not None:
         examples = examples[:limit]
+    warn_repeated_ids([e.id for e in examples], path)
     return check_audio_files(examples, skip_bad=recipe.data.skip_bad_audio)

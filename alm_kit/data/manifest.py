@@ -11,11 +11,13 @@ Any other field is kept in ``Example.meta``; ``description`` (the audio describe
 from __future__ import annotations
 
 import json
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from alm_kit.errors import ManifestError  # noqa: F401  (re-exported)
+from alm_kit.errors import AlmKitWarning, ManifestError  # noqa: F401  (re-exported)
 
 Format = Literal["auto", "jsonl", "reasonaqa"]
 REASONAQA_KEYS = ("filepath1", "input", "answer")
@@ -32,10 +34,22 @@ class Example:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def json_records(path: Path, what: str = "manifest") -> tuple[list[tuple[int, Any]], Literal["json", "jsonl"]]:
+@dataclass
+class BadLine:
+    """A manifest line that cannot be read, kept so that it fails alone (``read_manifest(bad_lines=...)``)."""
+
+    number: int
+    #: the record's id, or the default id of its line ("<file stem>-<line>")
+    id: str
+    error: str
+
+
+def json_records(path: Path, what: str = "manifest", *, bad_lines: list[BadLine] | None = None
+                 ) -> tuple[list[tuple[int, Any]], Literal["json", "jsonl"]]:
     """(line number, parsed record) of a JSON Lines or JSON list file, and which of the two it is.
 
     Errors name ``what`` and the file (and the line); for a JSON list the "line" is the item number.
+    With ``bad_lines``, a JSON Lines line that does not parse is appended there instead of raising.
     """
     try:
         text = path.read_text(encoding="utf-8")
@@ -54,12 +68,11 @@ def json_records(path: Path, what: str = "manifest") -> tuple[list[tuple[int, An
         try:
             records.append((number, json.loads(line)))
         except json.JSONDecodeError as exc:
-            raise ManifestError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            error = f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})"
+            if bad_lines is None:
+                raise ManifestError(error) from None
+            bad_lines.append(BadLine(number, f"{path.stem}-{number}", error))
     return records, "jsonl"
-
-
-def _records(path: Path) -> list[tuple[int, Any]]:
-    return json_records(path)[0]
 
 
 def detect_format(records: list[tuple[int, Any]]) -> Literal["jsonl", "reasonaqa"]:
@@ -79,23 +92,52 @@ def _field(record: dict, key: str, where: str, *, types: tuple[type, ...] = (str
     return value
 
 
-def read_manifest(path: str | Path, format: Format = "auto", *, require_response: bool = True) -> list[Example]:
+def read_manifest(path: str | Path, format: Format = "auto", *, require_response: bool = True,
+                  bad_lines: list[BadLine] | None = None) -> list[Example]:
+    """The examples of a manifest; errors name the file and line.
+
+    With ``bad_lines`` (``alm-kit generate --input``), an unusable line (not JSON, not an object, a
+    field missing or of the wrong type) is appended there and the other lines are still read.
+    """
     path = Path(path)
-    records = _records(path)
-    if not records:
+    records = json_records(path, bad_lines=bad_lines)[0]
+    if not records and not bad_lines:
         raise ManifestError(f"{path}: manifest is empty")
     kind = detect_format(records) if format == "auto" else format
     root = path.parent
     examples = []
     for number, record in records:
         where = f"{path}:{number}"
-        if not isinstance(record, dict):
-            raise ManifestError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        examples.append(
-            _from_reasonaqa(record, root, where, number) if kind == "reasonaqa"
-            else _from_jsonl(record, root, where, number, path.stem, require_response)
-        )
+        try:
+            if not isinstance(record, dict):
+                raise ManifestError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            examples.append(
+                _from_reasonaqa(record, root, where, number) if kind == "reasonaqa"
+                else _from_jsonl(record, root, where, number, path.stem, require_response)
+            )
+        except ManifestError as exc:
+            if bad_lines is None:
+                raise
+            rid = record.get("id") if isinstance(record, dict) else None
+            bad_lines.append(BadLine(number, str(rid) if rid is not None else f"{path.stem}-{number}", str(exc)))
+    if bad_lines:
+        bad_lines.sort(key=lambda bad: bad.number)
     return examples
+
+
+def repeated_ids(ids: list[str]) -> list[str]:
+    """The ids that occur more than once, in order of first occurrence."""
+    counts = Counter(ids)
+    return [i for i in counts if counts[i] > 1]
+
+
+def warn_repeated_ids(ids: list[str], where: str) -> None:
+    """Warn (:class:`~alm_kit.errors.AlmKitWarning`) when ``where`` repeats ids: results, failures and
+    the answer cache are reported per id, so a repeated one is ambiguous (and often a copy-paste slip)."""
+    repeated = repeated_ids(ids)
+    if repeated:
+        shown = ", ".join(repeated[:5]) + (f", ... ({len(repeated)} in all)" if len(repeated) > 5 else "")
+        warnings.warn(f"{where}: repeated ids: {shown}", AlmKitWarning, stacklevel=2)
 
 
 def _from_jsonl(record: dict, root: Path, where: str, number: int, stem: str, require_response: bool) -> Example:
@@ -163,22 +205,17 @@ def description_of(example: Example) -> str | None:
 
 
 def check_audio_files(examples: list[Example], *, skip_bad: bool) -> tuple[list[Example], list[str]]:
-    """Check every clip up front (header only). Fail on the first bad one, or drop and report them."""
-    import soundfile as sf
-
+    """Check every clip up front: its header, and the samples of float files (the only ones that can
+    hold NaN or infinite values). Fail on the first bad one, or drop and report them."""
     kept, problems = [], []
+    checked: dict[Path, str | None] = {}  # a clip shared by several examples is read once
     for example in examples:
         problem = None
         for clip in example.audio:
-            if not clip.exists():
-                problem = f"{example.source}: audio file not found: {clip}"
-            else:
-                try:
-                    if sf.info(str(clip)).frames == 0:
-                        problem = f"{example.source}: audio file is empty (0 samples): {clip}"
-                except Exception as exc:
-                    problem = f"{example.source}: cannot read audio file {clip}: {exc}"
-            if problem:
+            if clip not in checked:
+                checked[clip] = audio_problem(clip)
+            if checked[clip]:
+                problem = f"{example.source}: {checked[clip]}"
                 break
         if problem is None:
             kept.append(example)
@@ -187,3 +224,33 @@ def check_audio_files(examples: list[Example], *, skip_bad: bool) -> tuple[list[
         else:
             raise ManifestError(problem + " (set data.skip_bad_audio=true to skip such examples)")
     return kept, problems
+
+
+#: libsndfile subtypes whose samples may be NaN or infinite (integer PCM and lossy codecs cannot be)
+FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")
+
+
+def audio_problem(clip: Path) -> str | None:
+    """Why ``clip`` cannot be trained on, or None. Reads the header; float files are also decoded
+    block by block; a WAV cut short gets a warning (it still decodes)."""
+    import numpy as np
+    import soundfile as sf
+
+    from alm_kit.audio.io import AudioError, check_audio_path
+    from alm_kit.audio.wav import warn_if_cut_short
+
+    try:
+        check_audio_path(clip)
+        info = sf.info(str(clip))
+        if info.frames == 0:
+            return f"audio file is empty (0 samples): {clip}"
+        if info.subtype in FLOAT_SUBTYPES:
+            for block in sf.blocks(str(clip), blocksize=1 << 16, dtype="float32"):
+                if not np.isfinite(block).all():
+                    return f"audio contains NaN or infinite samples: {clip}"
+    except AudioError as exc:
+        return str(exc)
+    except Exception as exc:  # libsndfile raises several types
+        return f"cannot read audio file {clip}: {exc}"
+    warn_if_cut_short(clip, str(clip))
+    return None

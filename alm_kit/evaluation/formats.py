@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from alm_kit.data.manifest import warn_repeated_ids
 from alm_kit.errors import ManifestError
 
 Scoring = Literal["string_match", "option_match"]
@@ -116,7 +117,7 @@ FORMATS: dict[str, BenchFormat] = {f.name: f for f in (
         required=("audio_path", "question", "choices", "answer"),
         scoring="string_match", groups=("modality", "category", "sub-category"),
         prediction_keys=("model_prediction", "answer_prediction"),
-        audio=lambda r: [r["audio_path"]], question=lambda r: r["question"], choices=lambda r: list(r["choices"]),
+        audio=lambda r: [r["audio_path"]], question=lambda r: r["question"], choices=lambda r: r["choices"],
         answer=lambda r: r["answer"], item_id=_str_id("id"),
     ),
     BenchFormat(
@@ -125,7 +126,7 @@ FORMATS: dict[str, BenchFormat] = {f.name: f for f in (
         required=("audio_id", "question", "choices", "answer"),
         scoring="string_match", groups=("task", "difficulty", "category", "sub-category"),
         prediction_keys=("model_prediction", "model_output"),
-        audio=_mmau_audio, question=lambda r: r["question"], choices=lambda r: list(r["choices"]),
+        audio=_mmau_audio, question=lambda r: r["question"], choices=lambda r: r["choices"],
         answer=lambda r: r["answer"], item_id=_str_id("id"),
     ),
     BenchFormat(
@@ -134,7 +135,7 @@ FORMATS: dict[str, BenchFormat] = {f.name: f for f in (
         required=("audio", "question", "choices", "answer"),
         scoring="string_match", groups=("task", "category", "sub-category", "difficulty"),
         prediction_keys=("model_prediction",),
-        audio=_own_audio, question=lambda r: r["question"], choices=lambda r: list(r["choices"]),
+        audio=_own_audio, question=lambda r: r["question"], choices=lambda r: r["choices"],
         answer=lambda r: r["answer"], item_id=_str_id("id"),
     ),
 )}
@@ -201,19 +202,37 @@ def read_benchmark(path: str | Path, fmt: str | None = None, *, audio_root: str 
         if missing:
             raise ManifestError(f"{path}: item {i + 1}: missing field(s) {', '.join(missing)} "
                                 f"(format {bench_format.name})")
+        item_id = bench_format.item_id(record, i)
+        where = f"{path}: item {i + 1}" + (f" (id {item_id})" if item_id != str(i + 1) else "")
         choices = bench_format.choices(record)
+        if not (isinstance(choices, list) and choices and all(_is_text(c) for c in choices)):
+            raise ManifestError(f"{where}: choices must be a non-empty list of strings, got "
+                                f"{type(choices).__name__} {_short(choices)}")
+        question = bench_format.question(record)
+        if not _is_text(question):
+            raise ManifestError(f"{where}: question must be a string, got {_short(question)}")
+        choices = [str(c) for c in choices]
         answer = str(bench_format.answer(record))
         if answer not in choices:
-            raise ManifestError(f"{path}: item {i + 1}: answer {answer!r} is not one of its choices {choices}")
+            raise ManifestError(f"{where}: answer {answer!r} is not one of its choices {choices}")
         groups = {k: str(record[k]) for k in bench_format.groups if record.get(k) is not None}
         groups.update(bench_format.derived_groups(record))
         items.append(BenchItem(
-            index=i, id=bench_format.item_id(record, i),
-            audio=[resolve_audio(a, bases) for a in bench_format.audio(record)],
-            question=str(bench_format.question(record)), choices=[str(c) for c in choices], answer=answer,
-            groups=groups,
+            index=i, id=item_id, audio=[resolve_audio(a, bases) for a in bench_format.audio(record)],
+            question=str(question), choices=choices, answer=answer, groups=groups,
         ))
+    warn_repeated_ids([item.id for item in items], str(path))
     return Benchmark(path, bench_format, records, container, items)
+
+
+def _is_text(value: Any) -> bool:
+    """A question or an option: a string (numbers are taken as their text, as published files have them)."""
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def write_annotated(benchmark: Benchmark, predictions: dict[int, str], out: str | Path) -> Path:

@@ -5,6 +5,10 @@ content, the generation settings, the prompt template, the device type and each 
 audio *contents* (a clip whose bytes changed is answered again); a re-run with the same key answers
 only what is missing (an interrupted run resumes, a changed setting starts afresh). Items whose audio is missing or unreadable fail on their own:
 they are listed, count as wrong, and are retried by the next run.
+
+Under torchrun (``ranks``, :mod:`alm_kit.parallel`) every rank asks every N-th of the items the
+cache lacks and appends its answers to ``predictions.jsonl.partR``; the answers are gathered on
+every rank, scored in input order, and rank 0 folds the parts into the cache and writes the files.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from alm_kit.errors import AlmKitError
 from alm_kit.evaluation.formats import BenchItem, Benchmark, read_benchmark, write_annotated
 from alm_kit.evaluation.scoring import RULES, accuracy_table, format_table
 from alm_kit.hashing import file_sha256, update_with_file
+from alm_kit.parallel import Ranks, merge_parts, part_path
 from alm_kit.text.mcq import mcq_prompt, resolve_template
 
 PREDICTIONS = "predictions.jsonl"
@@ -132,11 +137,13 @@ def _ask_texts(model, gen: GenerationConfig, items: list[BenchItem], prompts: di
 def evaluate_benchmark(model, gen: GenerationConfig, benchmark: Benchmark | str | Path, *, fmt: str | None = None,
                        checkpoint: str = "", out_dir: str | Path | None = None, limit: int | None = None,
                        audio_root: str | Path | None = None, reuse: bool = True, progress: bool = True,
-                       plot: bool = False) -> EvalResult:
+                       plot: bool = False, ranks: Ranks | None = None) -> EvalResult:
     """Answer, score and (with ``out_dir``) write: the annotated benchmark file, results.json, plots.
 
     ``checkpoint`` identifies the weights in the cache key (:func:`checkpoint_fingerprint`).
+    ``ranks`` shares the items among torchrun's processes; every rank returns the same result.
     """
+    ranks = ranks or Ranks()
     if not isinstance(benchmark, Benchmark):
         benchmark = read_benchmark(benchmark, fmt, audio_root=audio_root)
     items = benchmark.items[:limit] if limit else benchmark.items
@@ -145,8 +152,10 @@ def evaluate_benchmark(model, gen: GenerationConfig, benchmark: Benchmark | str 
     key = run_key(checkpoint, gen, template, str(model.device.type))
     out = Path(out_dir) if out_dir is not None else None
     cache_path = out / PREDICTIONS if out is not None else None
-    if out is not None:
+    if out is not None and ranks.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        merge_parts(cache_path, unique_ids=False)  # answers of an interrupted torchrun run
+    ranks.barrier()
     cache = _read_cache(cache_path, key) if cache_path is not None and reuse else {}
     predictions: dict[int, str] = {}
     errors: dict[int, str] = {}
@@ -167,12 +176,15 @@ def evaluate_benchmark(model, gen: GenerationConfig, benchmark: Benchmark | str 
         else:
             todo.append(item)
     reused = len(predictions)
-    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"{benchmark.format.name} {benchmark.path.name}",
-               unit="item", disable=not progress)
-    writer = open(cache_path, "a", encoding="utf-8") if cache_path is not None else None
+    mine = ranks.share(todo)
+    bar = tqdm(total=len(items) - len(todo) + len(mine), initial=len(items) - len(todo), unit="item",
+               desc=f"{benchmark.format.name} {benchmark.path.name}"
+                    + (f" (rank 0 of {ranks.size})" if ranks.enabled else ""), disable=not (progress and ranks.is_main))
+    sink = part_path(cache_path, ranks.rank) if cache_path is not None and ranks.enabled else cache_path
+    writer = open(sink, "a", encoding="utf-8") if sink is not None else None
     try:
-        for start in range(0, len(todo), gen.batch_size):
-            chunk = todo[start : start + gen.batch_size]
+        for start in range(0, len(mine), gen.batch_size):
+            chunk = mine[start : start + gen.batch_size]
             for item, answer in zip(chunk, _ask(model, gen, chunk, prompts)):
                 if isinstance(answer, Exception):
                     errors[item.index] = str(answer)
@@ -188,6 +200,15 @@ def evaluate_benchmark(model, gen: GenerationConfig, benchmark: Benchmark | str 
         bar.close()
         if writer is not None:
             writer.close()
+    if ranks.enabled:  # every rank gets every answer (the ones it asked are its own)
+        asked = [item.index for item in mine]
+        share = ({i: predictions[i] for i in asked if i in predictions}, {i: errors[i] for i in asked if i in errors})
+        for their_predictions, their_errors in ranks.gather(share):
+            predictions.update(their_predictions)
+            errors.update(their_errors)
+        if cache_path is not None and ranks.is_main:
+            merge_parts(cache_path, unique_ids=False)
+        ranks.barrier()
 
     rule = RULES[benchmark.format.scoring]
     failed_flags = [item.index in errors for item in items]
@@ -199,7 +220,7 @@ def evaluate_benchmark(model, gen: GenerationConfig, benchmark: Benchmark | str 
     result = EvalResult(benchmark, items, table, format_table(table, title),
                         {item.index: predictions.get(item.index, "") for item in items}, correct, failed,
                         reused, key)
-    if out is not None:
+    if out is not None and ranks.is_main:
         result.files["predictions"] = write_annotated(
             benchmark, result.predictions, out / f"{benchmark.path.stem}.predictions{benchmark.path.suffix or '.json'}")
         summary = result.summary() | {"checkpoint": checkpoint, "template": template,

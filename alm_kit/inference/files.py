@@ -5,21 +5,36 @@ Input lines are manifest records without a response (docs/data.md):
 relative to the input file. Each output line repeats the id, audio and prompt and adds
 ``text``, ``answer``, ``thought``, ``finish_reason`` and ``error``; the input's other fields are kept,
 and one whose name is a result field (a manifest's gold ``answer``, say) is kept as ``input_<name>``, so
-the result fields are always the model's. Answers are appended
+the result fields are always the model's. A line that cannot be read (not JSON, a field missing)
+fails alone: it gets an output line with its ``error`` and the ``line`` number. Answers are appended
 after every batch, so an interrupted run loses at most one batch; a re-run skips the ids
-already in the output (``retry_errors`` re-runs the ones that failed).
+already in the output (``retry_errors`` re-runs the ones that failed). When the run ends, the
+output is rewritten in input order.
+
+Under torchrun (:mod:`alm_kit.parallel`) every rank answers every N-th example into its own
+``OUT.partR`` file; rank 0 then merges those into the output, in input order, so the result equals a
+one-process run's. Part files left by an interrupted run are merged by the next run, on any number
+of processes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from alm_kit.config.schema import GenerationConfig
-from alm_kit.data.manifest import read_manifest
+from alm_kit.data.manifest import BadLine, read_manifest, repeated_ids
 from alm_kit.errors import ManifestError
 from alm_kit.inference.engine import Generation, InferenceEngine, Request
+from alm_kit.parallel import (
+    Ranks,
+    drop_partial_line,  # noqa: F401  (re-exported: alm-kit rephrase uses it)
+    jsonl_rows,
+    merge_parts,
+    part_path,
+)
 
 
 @dataclass
@@ -29,25 +44,22 @@ class FileReport:
     answered: int
     failed: int
     output: Path
+    #: rows of this input whose answer in the output is an error, this run's and earlier runs'
+    failed_rows: int = 0
+
+    def summary(self) -> str:
+        text = (f"{self.output}: {self.answered} answered, {self.failed} failed, {self.skipped} already there "
+                f"(of {self.total})")
+        if self.failed_rows > self.failed:
+            text += (f"; {self.failed_rows - self.failed} row(s) failed in an earlier run "
+                     "(--retry-errors answers them again)")
+        return text
 
 
 def answered_ids(output: Path, *, retry_errors: bool) -> set[str]:
-    """Ids already in an output file (those with an error only when not retrying them)."""
-    done: set[str] = set()
-    if not output.exists():
-        return done
-    for line in output.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            # a line cut by a crash while writing: it is answered again
-            continue
-        if record.get("error") and retry_errors:
-            continue
-        done.add(str(record.get("id")))
-    return done
+    """Ids already in an output file (those with an error only when not retrying them); a line cut by a
+    crash while writing does not count (it is answered again)."""
+    return {rid for rid, record, _ in jsonl_rows(output) if not (retry_errors and record.get("error"))}
 
 
 #: the fields of an output line that alm-kit writes; an input field of the same name is renamed
@@ -64,50 +76,70 @@ def _record(request: Request, result: Generation) -> dict:
 
 
 def generate_file(engine: InferenceEngine, source: str | Path, output: str | Path, params: GenerationConfig, *,
-                  progress: bool = True, retry_errors: bool = False) -> FileReport:
+                  progress: bool = True, retry_errors: bool = False, ranks: Ranks | None = None) -> FileReport:
+    """Answer ``source`` into ``output``; under torchrun pass :func:`alm_kit.parallel.joined`'s ranks."""
+    ranks = ranks or Ranks()
     source, output = Path(source), Path(output)
-    examples = read_manifest(source, "jsonl", require_response=False)
-    ids = [e.id for e in examples]
-    repeated = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
+    bad: list[BadLine] = []
+    examples = read_manifest(source, "jsonl", require_response=False, bad_lines=bad)
+    # ids in input order; an example's source is "file:line"
+    order = [rid for _, rid in sorted([(int(e.source.rpartition(":")[2]), e.id) for e in examples]
+                                      + [(b.number, b.id) for b in bad])]
+    repeated = repeated_ids(order)
     if repeated:
         raise ManifestError(f"{source}: ids must be unique to resume, repeated: {', '.join(repeated[:5])}")
-    drop_partial_line(output)
+    if ranks.is_main:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        merge_parts(output)
+        if retry_errors and output.exists():  # keep the good answers, drop the failed ones about to be retried
+            output.write_text("".join(line + "\n" for _, record, line in jsonl_rows(output) if not record.get("error")))
+    ranks.barrier()
     done = answered_ids(output, retry_errors=retry_errors)
     todo = [Request(audio=list(e.audio), prompt=e.prompt, id=e.id,
                     meta=e.meta if e.response is None else {"response": e.response, **e.meta})
             for e in examples if e.id not in done]
-    if retry_errors and output.exists():
-        # keep the good answers, drop the failed ones that are about to be retried
-        keep = [line for line in output.read_text().splitlines()
-                if line.strip() and _parses(line) and str(json.loads(line).get("id")) in done]
-        output.write_text("".join(line + "\n" for line in keep))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    failed = 0
-    with output.open("a") as sink:
-        def write(batch: list[Request], results: list[Generation]) -> None:
-            nonlocal failed
-            for request, result in zip(batch, results):
-                sink.write(json.dumps(_record(request, result), ensure_ascii=False) + "\n")
-                failed += result.error is not None
+    unreadable = [b for b in bad if b.id not in done] if ranks.is_main else []
+    failed = len(unreadable)
+    sink_path = part_path(output, ranks.rank) if ranks.enabled else output
+    with sink_path.open("a") as sink:
+        def write(records: list[dict]) -> None:
+            sink.write("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
             sink.flush()
 
-        engine.run(todo, params, progress=progress, on_batch=write)
-    return FileReport(total=len(examples), skipped=len(examples) - len(todo), answered=len(todo) - failed,
-                      failed=failed, output=output)
+        def write_batch(batch: list[Request], results: list[Generation]) -> None:
+            nonlocal failed
+            write([_record(request, result) for request, result in zip(batch, results)])
+            failed += sum(result.error is not None for result in results)
+
+        write([_unreadable_record(b) for b in unreadable])
+        mine = ranks.share(todo)
+        engine.run(mine, params, progress=progress and ranks.is_main, on_batch=write_batch)
+    counts = ranks.gather((len(mine) + len(unreadable), failed))
+    asked, failed = (sum(c[i] for c in counts) for i in (0, 1))
+    if ranks.is_main:
+        merge_parts(output)
+        in_input_order(output, order)
+    ranks.barrier()
+    return FileReport(total=len(order), skipped=len(order) - asked, answered=asked - failed, failed=failed,
+                      output=output, failed_rows=_failed_rows(output, set(order)))
 
 
-def _parses(line: str) -> bool:
-    try:
-        json.loads(line)
-        return True
-    except json.JSONDecodeError:
-        return False
+def _unreadable_record(bad: BadLine) -> dict:
+    return {"id": bad.id, "line": bad.number, "audio": [], "prompt": None, "text": "", "answer": "",
+            "thought": None, "finish_reason": "error", "error": bad.error}
 
 
-def drop_partial_line(output: Path) -> None:
-    """A crash while writing can leave a last line without its newline: it is dropped (and answered again)."""
-    if not output.exists():
+def in_input_order(output: Path, order: list[str]) -> None:
+    """Rewrite ``output`` with its rows in input order (rows of ids the input no longer has go last)."""
+    rows = jsonl_rows(output)
+    position = {rid: i for i, rid in enumerate(order)}
+    ranked = sorted(rows, key=lambda row: position.get(row[0], len(order)))
+    if ranked == rows:
         return
-    text = output.read_text()
-    if text and not text.endswith("\n"):
-        output.write_text(text[: text.rfind("\n") + 1])
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for _, _, line in ranked))
+    os.replace(tmp, output)
+
+
+def _failed_rows(output: Path, ids: set[str]) -> int:
+    return sum(1 for rid, record, _ in jsonl_rows(output) if rid in ids and record.get("error"))
