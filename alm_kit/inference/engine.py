@@ -28,7 +28,7 @@ from alm_kit.config.schema import GenerationConfig
 from alm_kit.data.batch import Batch, collate_waveforms
 from alm_kit.errors import AlmKitError, GenerationError
 from alm_kit.inference.decode import RowMonitor, RowOutput, decode, end_token_ids, single_token_id
-from alm_kit.interfaces import AudioFeatures
+from alm_kit.interfaces import AudioFeatures, TextInputs
 from alm_kit.model import AudioLanguageModel
 from alm_kit.runtime import inference_autocast
 from alm_kit.text.thinking import THINK_CLOSE, THINK_OPEN
@@ -238,23 +238,33 @@ class InferenceEngine:
                 for i in good:
                     results[i].error = str(exc)
                 return results
-            good, inputs = self._fit_context(good, inputs, params, results)
-            if not good:
-                return results
-            for i, used in zip(good, _positions(inputs)):
-                results[i].prompt_tokens = used
-            monitor = RowMonitor(self.tokenizer, params, end_token_ids(model.layout, self.tokenizer),
-                                 [[t for t in ids if t >= 0] for ids in inputs.text.prompt_ids])
-            streams = {row: _RowStream(self, results[i], requests[i].stream, params)
-                       for row, i in enumerate(good) if requests[i].stream is not None}
-            if streams:
-                monitor.on_token = lambda row, out, done: row in streams and streams[row].update(out, done)
             laid_out = time.perf_counter()
+            self.last_timings = {"audio": encoded - start, "layout": laid_out - encoded}
+        return self._decode_rows(good, inputs, params, results, {i: requests[i].stream for i in good})
+
+    def _decode_rows(self, good: list[int], inputs, params: GenerationConfig, results: list[Generation],
+                     streams: dict[int, Any] | None = None) -> list[Generation]:
+        """The part every batch shares, audio or text-only: rows that do not fit the context get an
+        error, the rest are decoded (streamed where a stream is given) and finished."""
+        model = self.model
+        good, inputs = self._fit_context(good, inputs, params, results)
+        if not good:
+            return results
+        for i, used in zip(good, _positions(inputs)):
+            results[i].prompt_tokens = used
+        monitor = RowMonitor(self.tokenizer, params, end_token_ids(model.layout, self.tokenizer),
+                             [[t for t in ids if t >= 0] for ids in inputs.text.prompt_ids])
+        streams = streams or {}
+        live = {row: _RowStream(self, results[i], streams[i], params)
+                for row, i in enumerate(good) if streams.get(i) is not None}
+        if live:
+            monitor.on_token = lambda row, out, done: row in live and live[row].update(out, done)
+        with torch.no_grad(), inference_autocast(model, model.device):
             rows = decode(model.decoder, inputs, params, monitor)
-        self.last_timings = {"audio": encoded - start, "layout": laid_out - encoded, **monitor.timings}
+        self.last_timings.update(monitor.timings)
         for i, row in zip(good, rows):
             self._finish(results[i], row, params)
-        for row, stream in streams.items():  # beam search: text only now
+        for row, stream in live.items():  # beam search: text only now
             stream.update(rows[row], done=True)
         return results
 
@@ -270,7 +280,7 @@ class InferenceEngine:
             return good, inputs
         for i, n, ok in zip(good, used, fits):
             if not ok:
-                results[i].error = (f"example {results[i].id}: the prompt and audio take {n} positions; with "
+                results[i].error = (f"example {results[i].id}: the prompt (and audio) take {n} positions; with "
                                     f"max_new_tokens {params.max_new_tokens} that exceeds the decoder's context "
                                     f"of {limit}")
         keep = torch.tensor([j for j, ok in enumerate(fits) if ok], device=inputs.inputs_embeds.device)
@@ -313,8 +323,7 @@ class InferenceEngine:
                             chat: bool = True, system: str | None = None) -> list[Generation]:
         """The decoder alone as a text LLM (no audio): each prompt rendered with the tokenizer's chat
         template (``params.thinking`` reaches templates that know it) or used as it is with ``chat=False``."""
-        from alm_kit.interfaces import IGNORE
-        from alm_kit.nn.sequence import Piece, stack
+        from alm_kit.nn.sequence import TextEmbedder, stack
 
         tok = self.tokenizer
         results = [Generation(id=str(i)) for i in range(len(prompts))]
@@ -328,28 +337,12 @@ class InferenceEngine:
             else:
                 text = prompt
             ids.append(tok.encode(text, add_special_tokens=False) or [tok.eos_token_id])
-        limit = context_length(self.model)
-        good = [i for i, t in enumerate(ids) if limit is None or len(t) + params.max_new_tokens <= limit]
-        for i in set(range(len(prompts))) - set(good):
-            results[i].error = (f"prompt {i}: {len(ids[i])} tokens; with max_new_tokens {params.max_new_tokens} "
-                                f"it does not fit the decoder's context of {limit}")
-        if not good:
-            return results
-        device = self.model.device
-        decoder = self.model.decoder
-        with inference_autocast(self.model, device):
-            pieces = []
-            for i in good:
-                table = torch.tensor(ids[i], dtype=torch.long, device=device)
-                pieces.append([Piece(decoder.embed(table), torch.ones(len(table), dtype=torch.bool, device=device),
-                                     torch.full_like(table, IGNORE))])
-            inputs = stack(pieces, left_pad=True)
-            monitor = RowMonitor(tok, params, end_token_ids(self.model.layout, tok), [ids[i] for i in good])
-            rows = decode(decoder, inputs, params, monitor)
-        for i, row in zip(good, rows):
-            results[i].prompt_tokens = len(ids[i])
-            self._finish(results[i], row, params)
-        return results
+        with torch.no_grad(), inference_autocast(self.model, self.model.device):
+            embedder = TextEmbedder(self.model.decoder, ids, self.model.device)
+            inputs = stack([[embedder.piece(i, prompt_ids)] for i, prompt_ids in enumerate(ids)], left_pad=True)
+        inputs.text = TextInputs(prompt_ids=ids)
+        self.last_timings = {}
+        return self._decode_rows(list(range(len(prompts))), inputs, params, results)
 
     def run(self, requests: Sequence[Request], params: GenerationConfig | None = None, *, progress: bool = False,
             on_batch: Callable[[list[Request], list[Generation]], None] | None = None) -> list[Generation]:
