@@ -1,6 +1,6 @@
 """Generation speed on a full-size Mellow architecture (random weights): three ways, one process.
 
-    python benchmarks/generate_speed.py [--batch 8] [--new-tokens 64] [--ref-tokens 16] [--threads 2]
+    python benchmarks/generate_speed.py [--batch 8] [--new-tokens 64] [--ref-tokens 16] [--threads 2] [--dtype bf16]
 
 (a) the reference Mellow method: the two audio slots encoded in separate calls, no KV cache,
     the whole sequence re-run for every new token, greedy;
@@ -8,7 +8,8 @@
 (c) alm-kit's inference engine (batched encoding, preallocated KV cache, own decode loop).
 
 Each figure covers everything from waveforms to tokens (audio encoding, prefix, decoding).
-All three are greedy with end tokens suppressed, so every row makes the same number of
+``--dtype bf16`` casts the weights for all three (``alm_kit.runtime.cast_weights``: mel front ends stay
+fp32) and runs each under bf16 autocast. All three are greedy with end tokens suppressed, so every row makes the same number of
 tokens; the script checks that the tokens agree and prints tokens/s, the ratios, and the
 peak resident memory of each method (each in a fresh process) next to the size of the weights.
 """
@@ -36,7 +37,14 @@ SMOLLM2_135M = {  # HuggingFaceTB/SmolLM2-135M's config
 }
 
 
-def build_mellow():
+def build_mellow(dtype: str = "fp32"):
+    from alm_kit.runtime import cast_weights, weights_dtype
+
+    model, recipe, tokenizer = _build_mellow()
+    return cast_weights(model, weights_dtype(dtype, torch.device("cpu"))), recipe, tokenizer
+
+
+def _build_mellow():
     from alm_kit.config.loader import load_recipe
     from alm_kit.model import build_model
 
@@ -87,6 +95,13 @@ def prefix_reference_way(model, reqs):
 
 
 def method_reference(model, reqs, new_tokens):
+    from alm_kit.runtime import inference_autocast
+
+    with inference_autocast(model, model.device):
+        return _method_reference(model, reqs, new_tokens)
+
+
+def _method_reference(model, reqs, new_tokens):
     inputs = prefix_reference_way(model, reqs)
     lm = model.decoder.language_model
     generated, tokens = inputs.inputs_embeds, []
@@ -101,6 +116,13 @@ def method_reference(model, reqs, new_tokens):
 
 
 def method_hf(model, reqs, new_tokens, timings=None):
+    from alm_kit.runtime import inference_autocast
+
+    with inference_autocast(model, model.device):
+        return _method_hf(model, reqs, new_tokens, timings)
+
+
+def _method_hf(model, reqs, new_tokens, timings=None):
     start = time.perf_counter()
     inputs = prefix_reference_way(model, reqs)
     prefix_done = time.perf_counter()
@@ -142,7 +164,7 @@ def memory_of_one_method(args) -> None:
                                      spec_size=16, embed_dim=4, depths=[1], num_heads=[1], swin_window=2,
                                      num_classes=2))
     before = _status_kib("VmRSS")
-    model, recipe, _ = build_mellow()
+    model, recipe, _ = build_mellow(args.dtype)
     reqs = requests(args.batch)
     loaded = _status_kib("VmRSS")
     with torch.no_grad():
@@ -160,7 +182,7 @@ def peak_memory(args, method: str) -> dict:
     methods freed, so one process cannot tell the methods apart)."""
     command = [sys.executable, __file__, "--only", method, "--batch", str(args.batch), "--new-tokens",
                str(args.new_tokens), "--ref-tokens", str(args.ref_tokens), "--threads", str(args.threads),
-               "--encoder-batch", str(args.encoder_batch)]
+               "--encoder-batch", str(args.encoder_batch), "--dtype", args.dtype]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -174,6 +196,7 @@ def main() -> None:
     parser.add_argument("--encoder-batch", default="auto", type=lambda v: v if v in ("auto", "all") else int(v),
                         help="the engine's generation.encoder_batch: auto, all or clips per encoder pass")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-method peak memory runs")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="the weights of all three methods")
     parser.add_argument("--only", choices=["a", "b", "c"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.only:
@@ -183,9 +206,9 @@ def main() -> None:
 
     from alm_kit.inference.engine import InferenceEngine
 
-    model, recipe, tokenizer = build_mellow()
+    model, recipe, tokenizer = build_mellow(args.dtype)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(f"model: Mellow architecture, random weights, {weights / 2**20:.0f} MiB fp32 "
+    print(f"model: Mellow architecture, random weights, {weights / 2**20:.0f} MiB {args.dtype} "
           f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters), tokenizer {tokenizer}, "
           f"{torch.get_num_threads()} threads, batch {args.batch} x 2 audios")
     reqs = requests(args.batch)

@@ -85,7 +85,7 @@ def mellow_recipe(quick: bool, extra: list[str] = ()):
 def generation(args, device: torch.device) -> None:
     from alm_kit.inference.engine import InferenceEngine
     from alm_kit.model import build_model
-    from alm_kit.runtime import cast_weights, inference_autocast
+    from alm_kit.runtime import cast_weights
 
     recipe = mellow_recipe(args.quick)
     print(f"\n## generation: Mellow shape{' (tiny: --quick)' if args.quick else ''}, random weights, "
@@ -112,16 +112,14 @@ def generation(args, device: torch.device) -> None:
                     with torch.no_grad():
                         for _ in range(warm):  # graph capture, allocator, kernels: not timed
                             if method == "hf":
-                                with inference_autocast(model, device):
-                                    method_hf(model, reqs, 4)
+                                method_hf(model, reqs, 4)
                             else:
                                 engine.run(reqs, params)
                         sync(device)
                         reset_peak(device)
                         start = time.perf_counter()
                         if method == "hf":
-                            with inference_autocast(model, device):
-                                tokens = [t[: args.new_tokens] for t in method_hf(model, reqs, args.new_tokens)]
+                            tokens = [t[: args.new_tokens] for t in method_hf(model, reqs, args.new_tokens)]
                         else:
                             tokens = [g.tokens for g in engine.run(reqs, params)]
                         sync(device)
