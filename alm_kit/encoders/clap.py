@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from alm_kit.encoders._laion import NoAttentionMaps, clap_module, fix_front_end
+from alm_kit.encoders._laion import NoAttentionMaps, building_laion_modules, clap_module, fix_front_end
 from alm_kit.interfaces import AudioFeatures, AudioSpec, Encoder, StreamInfo
 from alm_kit.nn.masks import frames_mask
 
@@ -159,7 +159,8 @@ class CLAPAudioEncoder(NoAttentionMaps, Encoder):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.init_seed)
             if model_type == "HTSAT":
-                self.audio_branch, self.frame_repeat, steps = self._build_htsat(overrides)
+                with building_laion_modules():
+                    self.audio_branch, self.frame_repeat, steps = self._build_htsat(overrides)
             elif model_type == "PANN":
                 if overrides:
                     raise ValueError(f"{', '.join(overrides)} only apply to HTS-AT models, not {config.model}")

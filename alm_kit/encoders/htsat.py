@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from alm_kit.encoders._laion import NoAttentionMaps, clap_module, fix_front_end
+from alm_kit.encoders._laion import NoAttentionMaps, building_laion_modules, clap_module, fix_front_end
 from alm_kit.interfaces import AudioFeatures, AudioSpec, Encoder, StreamInfo
 from alm_kit.nn.masks import frames_mask
 
@@ -75,7 +75,7 @@ class HTSATEncoder(NoAttentionMaps, Encoder):
             sample_rate=config.sample_rate, window_size=config.window_size, hop_size=config.hop_size,
             mel_bins=config.mel_bins, fmin=config.fmin, fmax=config.fmax,
         )
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), building_laion_modules():
             torch.manual_seed(config.init_seed)
             self.htsat = htsat.HTSAT_Swin_Transformer(
                 spec_size=config.spec_size, patch_size=config.patch_size, patch_stride=(config.patch_size,) * 2,
