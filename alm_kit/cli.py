@@ -64,7 +64,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _generation_overrides(args: argparse.Namespace) -> dict:
     """Generation settings given on the command line (unset ones keep the recipe's)."""
-    names = ("max_new_tokens", "temperature", "top_p", "top_k", "num_beams", "repetition_penalty", "seed",
+    names = ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "num_beams", "repetition_penalty", "seed",
              "batch_size", "encoder_batch", "thinking", "thinking_budget")
     out = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.do_sample:
@@ -93,6 +93,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                               "finish_reason": result.finish_reason}, ensure_ascii=False))
         else:
             print(result.text)
+        if not result.answer:
+            print(f"note: {_empty_answer_reason(result)}", file=sys.stderr)
         return 0
     from alm_kit.inference.files import generate_file
 
@@ -100,7 +102,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
                            retry_errors=args.retry_errors)
     print(f"{report.output}: {report.answered} answered, {report.failed} failed, "
           f"{report.skipped} already there (of {report.total})")
+    if report.empty:
+        print(f"note: {report.empty} of the answers are empty (the model ended before any answer text); "
+              "--min-new-tokens N makes it generate at least N tokens", file=sys.stderr)
     return 1 if report.failed else 0
+
+
+def _empty_answer_reason(result) -> str:
+    """Why ``generate`` printed an empty answer, and what to try."""
+    if result.finish_reason == "stop" and not result.tokens:
+        return ("the answer is empty: the model produced its end token first; --min-new-tokens N makes it "
+                "generate at least N tokens")
+    if result.finish_reason == "length":
+        return "the answer is empty: max_new_tokens ran out before the answer began (--max-new-tokens)"
+    return (f"the answer is empty (finish reason: {result.finish_reason}; the model generated only special "
+            "tokens or a thought); --min-new-tokens N makes it generate at least N tokens")
 
 
 def cmd_rephrase(args: argparse.Namespace) -> int:
@@ -138,6 +154,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def add_generation_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation (default: the recipe's generation section)")
     g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--min-new-tokens", type=int,
+                   help="no end token before this many new tokens (for a model that would answer with nothing)")
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float)
     g.add_argument("--top-p", type=float)

@@ -414,6 +414,40 @@ def test_generate_cli_one_example_prints_the_answer(checkpoint, tones, capsys):
     assert "--audio" in capsys.readouterr().err
 
 
+def test_generate_cli_says_when_the_answer_is_empty_and_min_new_tokens_prevents_it(checkpoint, tones, capsys,
+                                                                                     monkeypatch, tmp_path):
+    """A model that emits its end token first: the empty answer is reported on stderr;
+    --min-new-tokens forbids the end token for the first tokens."""
+    import json
+
+    from alm_kit.cli import main
+    from alm_kit.decoders.causal_lm import CausalLMDecoder
+
+    logits = CausalLMDecoder.logits
+
+    def prefers_to_stop(self, hidden):  # the end token first, then a word
+        out = logits(self, hidden).clone()
+        word = self.tokenizer.encode("dog", add_special_tokens=False)[0]
+        out[..., word] += 50.0
+        out[..., self.tokenizer.eos_token_id] += 100.0
+        return out
+
+    monkeypatch.setattr(CausalLMDecoder, "logits", prefers_to_stop)
+    args = ["generate", "--checkpoint", str(checkpoint), "--audio", tones[0], "--prompt", "which?", "--device", "cpu"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert out == "\n" and "the answer is empty: the model produced its end token first" in err
+    assert "--min-new-tokens" in err
+    assert main([*args, "--min-new-tokens", "1", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["text"] == "d" and "empty" not in err  # the tiny tokenizer's "dog" starts with "d"
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"id": "a", "audio": tones[0], "prompt": "which?"}) + "\n")
+    assert main(["generate", "--checkpoint", str(checkpoint), "--input", str(source), "--output",
+                 str(tmp_path / "out.jsonl"), "--quiet", "--device", "cpu"]) == 0
+    assert "1 of the answers are empty" in capsys.readouterr().err
+
+
 def test_text_only_generation_equals_transformers_on_the_plain_decoder():
     engine = _engine("placeholder")
     tok = engine.tokenizer

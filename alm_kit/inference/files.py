@@ -29,6 +29,8 @@ class FileReport:
     answered: int
     failed: int
     output: Path
+    #: answered without an error but with an empty answer (the model ended first)
+    empty: int = 0
 
 
 def answered_ids(output: Path, *, retry_errors: bool) -> set[str]:
@@ -82,18 +84,19 @@ def generate_file(engine: InferenceEngine, source: str | Path, output: str | Pat
                 if line.strip() and _parses(line) and str(json.loads(line).get("id")) in done]
         output.write_text("".join(line + "\n" for line in keep))
     output.parent.mkdir(parents=True, exist_ok=True)
-    failed = 0
+    failed = empty = 0
     with output.open("a") as sink:
         def write(batch: list[Request], results: list[Generation]) -> None:
-            nonlocal failed
+            nonlocal failed, empty
             for request, result in zip(batch, results):
                 sink.write(json.dumps(_record(request, result), ensure_ascii=False) + "\n")
                 failed += result.error is not None
+                empty += result.error is None and not result.answer
             sink.flush()
 
         engine.run(todo, params, progress=progress, on_batch=write)
     return FileReport(total=len(examples), skipped=len(examples) - len(todo), answered=len(todo) - failed,
-                      failed=failed, output=output)
+                      failed=failed, output=output, empty=empty)
 
 
 def _parses(line: str) -> bool:
