@@ -14,9 +14,14 @@ Training writes them into ``RUN_DIR/checkpoints/step-N`` and names the newest in
 a run folder or its ``checkpoints`` folder, meaning the latest one (:func:`resolve_checkpoint`).
 
 Loading rebuilds the model from recipe.yaml (pretrained parts come from their
-hub id / path) and applies model.safetensors on top. Files are written under a
-temporary name and renamed, so an interrupted save never leaves a broken directory,
-and ``latest`` is replaced only after its checkpoint is complete.
+hub id / path) and applies model.safetensors on top. A component whose every weight is
+stored (imports, exports, a fully fine-tuned decoder) is rebuilt from the params
+``meta.json`` records under ``standalone`` (:meth:`~alm_kit.interfaces.Component.standalone_params`)
+instead, so such a checkpoint loads with no network and no package that only provided
+weights. Tied tensors (a decoder's ``lm_head`` and its embeddings) are stored once;
+``meta.json`` lists them under ``tied``. Files are written under a temporary name and
+renamed, so an interrupted save never leaves a broken directory, and ``latest`` is
+replaced only after its checkpoint is complete.
 """
 
 from __future__ import annotations
@@ -60,6 +65,75 @@ def checkpoint_state(model: AudioLanguageModel) -> dict[str, torch.Tensor]:
     return {name: tensor for name, tensor in model.state_dict().items() if name in keep}
 
 
+def tied_tensors(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Names whose tensor shares its memory with an earlier name's (tied weights): name -> that name."""
+    first: dict[tuple, str] = {}
+    tied = {}
+    for name, tensor in state.items():
+        if tensor.device.type == "meta" or tensor.numel() == 0:  # no memory to share
+            continue
+        where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                 tuple(tensor.stride()))
+        if where in first:
+            tied[name] = first[where]
+        else:
+            first[where] = name
+    return tied
+
+
+def _entry_digest(spec: Any) -> str:
+    """A component's recipe entry (name and params) as one comparable string."""
+    return json.dumps({"name": spec.name, "params": spec.params}, sort_keys=True, default=str)
+
+
+def standalone_entries(model: AudioLanguageModel, stored: set[str]) -> dict[str, dict[str, Any]]:
+    """Recipe key -> {"params": standalone params, "entry": the recipe entry they stand for}, for every
+    component whose every weight is in ``stored``."""
+    from alm_kit.model import model_entries
+
+    keys = {id(spec): key for _, spec, key in model_entries(model.config)}
+    names = list(model.state_dict())
+    out = {}
+    for path, (module, spec) in model.components().items():
+        own = [n for n in names if n.startswith(path + ".")]
+        if own and all(n in stored for n in own):
+            params = module.standalone_params()
+            if params is not None:
+                out[keys[id(spec)]] = {"params": params, "entry": _entry_digest(spec)}
+    return out
+
+
+def with_standalone_params(recipe: Recipe, directory: Path, entries: dict[str, dict[str, Any]]) -> Recipe:
+    """``recipe`` with the components ``entries`` names built from their standalone params
+    (``{checkpoint}`` in a string is ``directory``). An entry whose recipe entry was edited since the
+    save is left as the recipe says."""
+    import dataclasses
+
+    def fill(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace("{checkpoint}", str(directory))
+        if isinstance(value, dict):
+            return {k: fill(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [fill(v) for v in value]
+        return value
+
+    model = recipe.model
+    encoders = list(model.encoders)
+    changes: dict[str, Any] = {}
+    for key, saved in entries.items():
+        parts = key.split(".")  # model.decoder, model.encoders.0
+        if parts[1] == "encoders":
+            index = int(parts[2])
+            if index < len(encoders) and _entry_digest(encoders[index]) == saved["entry"]:
+                encoders[index] = dataclasses.replace(encoders[index], params=fill(saved["params"]))
+        else:
+            spec = getattr(model, parts[1], None)
+            if spec is not None and _entry_digest(spec) == saved["entry"]:
+                changes[parts[1]] = dataclasses.replace(spec, params=fill(saved["params"]))
+    return dataclasses.replace(recipe, model=dataclasses.replace(model, encoders=encoders, **changes))
+
+
 def save_checkpoint(model: AudioLanguageModel, recipe: Recipe, directory: str | Path,
                     extra_meta: dict[str, Any] | None = None, *, state: dict[str, torch.Tensor] | None = None,
                     trainer_state: dict[str, Any] | None = None) -> Path:
@@ -76,14 +150,17 @@ def save_checkpoint(model: AudioLanguageModel, recipe: Recipe, directory: str | 
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     state = checkpoint_state(model) if state is None else state
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    tied = tied_tensors(state)
+    standalone = standalone_entries(model, set(state))
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items() if k not in tied}
     save_file(state, str(tmp / WEIGHTS))
     (tmp / RECIPE).write_text(dump_recipe(recipe))
     model.decoder.save_tokenizer(str(tmp / TOKENIZER))
     if trainer_state is not None:
         torch.save(trainer_state, tmp / TRAINER_STATE)
     meta = {"alm_kit_version": __version__, "tensors": len(state),
-            "parameters": int(sum(v.numel() for v in state.values())), **(extra_meta or {})}
+            "parameters": int(sum(v.numel() for v in state.values())), **(extra_meta or {}),
+            "tied": tied, "standalone": standalone}
     (tmp / META).write_text(json.dumps(meta, indent=2))
     if directory.exists():
         old = directory.with_name(directory.name + ".old")
@@ -145,7 +222,8 @@ def load_weights(model: AudioLanguageModel, directory: str | Path) -> None:
     directory = Path(directory)
     state = load_file(str(directory / WEIGHTS))
     own = model.state_dict()
-    missing = sorted(checkpoint_keys(model) - set(state))
+    tied = {name for name, target in tied_tensors(own).items() if target in state}  # stored once
+    missing = sorted(checkpoint_keys(model) - set(state) - tied)
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
         raise CheckpointError(
@@ -159,10 +237,18 @@ def load_weights(model: AudioLanguageModel, directory: str | Path) -> None:
     model.load_state_dict(state, strict=False)
 
 
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / META
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu") -> tuple[AudioLanguageModel, Recipe]:
+    """The model and the recipe it was trained with; components stored whole are built from their
+    standalone params (no download), the rest as the recipe says."""
     directory = resolve_checkpoint(directory)
     recipe = read_recipe(directory)
-    model = build_model(recipe.model)
+    standalone = read_meta(directory).get("standalone") or {}
+    model = build_model(with_standalone_params(recipe, directory.resolve(), standalone).model)
     if (directory / TOKENIZER).exists():
         from transformers import AutoTokenizer
 
@@ -209,7 +295,7 @@ def export_checkpoint(source: str | Path, out: str | Path) -> Path:
         if entry is not None and entry.train == "lora":
             changes[name] = dataclasses.replace(entry, train="full", lora=None)
     recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, **changes))
-    meta = json.loads((source / META).read_text()) if (source / META).exists() else {}
+    meta = read_meta(source)
     return save_checkpoint(model, recipe, out, {"step": meta.get("step"), "exported_from": str(source),
                                                 "merged_lora_layers": merged}, state=model.state_dict())
 

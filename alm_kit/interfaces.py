@@ -252,6 +252,28 @@ class Component(nn.Module):
         """
         return False
 
+    def standalone_params(self) -> dict[str, Any] | None:
+        """Recipe params that rebuild this component's layers without reading its weights source.
+
+        A checkpoint that stores every weight of a component (``alm-kit import``, ``alm-kit export``, a
+        fully fine-tuned decoder) records them in ``meta.json``; loading it builds the component from
+        them, so it needs no network and no package that only provided the weights. In strings,
+        ``{checkpoint}`` stands for the checkpoint folder (the decoder's tokenizer is saved as
+        ``{checkpoint}/tokenizer``).
+
+        Returns:
+            dict | None: plain data valid for ``Config``, building the same shapes with no download; None
+            (the default): loading builds the component from its recipe entry, fetching its weights again.
+
+        Example:
+            >>> class HubGain(LoadedGain):  # LoadedGain: see has_pretrained_weights
+            ...     def standalone_params(self):
+            ...         return {"scale": self.config.scale}  # the same layers, no weights file named
+            >>> HubGain(Gain.Config(scale=2.0), StreamInfo(4), 4).standalone_params(), gain.standalone_params()
+            ({'scale': 2.0}, None)
+        """
+        return None
+
 
 class Encoder(Component):
     """Waveforms at ``spec.sample_rate`` -> :class:`AudioFeatures`.

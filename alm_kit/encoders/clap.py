@@ -18,6 +18,7 @@ frames to 1024; a longer input fails its assertion), 64 mels, window 1024, hop 4
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import pickle
@@ -241,6 +242,9 @@ class CLAPAudioEncoder(NoAttentionMaps, Encoder):
     @property
     def has_pretrained_weights(self) -> bool:
         return self.config.checkpoint is not None
+
+    def standalone_params(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.config), "checkpoint": None}
 
     def load_checkpoint(self, path: str) -> None:
         raw = _torch_load(path)

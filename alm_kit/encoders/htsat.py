@@ -13,9 +13,10 @@ fmin 50, fmax 14000, Swin-Tiny. CLAP-trained HTS-AT uses 48 kHz, 10.24 s, hop 48
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -104,6 +105,9 @@ class HTSATEncoder(NoAttentionMaps, Encoder):
     @property
     def has_pretrained_weights(self) -> bool:
         return self.config.checkpoint is not None
+
+    def standalone_params(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.config), "checkpoint": None}
 
     def load_checkpoint(self, path: str) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)

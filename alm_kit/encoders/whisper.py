@@ -23,6 +23,7 @@ frames. ``layers`` taps hidden states and mixes them with learned softmax weight
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -240,6 +241,13 @@ class WhisperEncoder(Encoder):
     @property
     def has_pretrained_weights(self) -> bool:
         return bool(self.config.checkpoint) or self.config.pretrained
+
+    def standalone_params(self) -> dict[str, Any]:
+        """The loaded dimensions as a published size with this encoder's width, heads and depth (no download)."""
+        dims = self.dims
+        size = self.config.size or next(name for name, row in WHISPER_SIZES.items() if row[0] == dims.n_mels)
+        return {**dataclasses.asdict(self.config), "checkpoint": None, "pretrained": False, "size": size,
+                "n_state": dims.n_audio_state, "n_head": dims.n_audio_head, "n_layer": dims.n_audio_layer}
 
     def mixing_weights(self) -> Tensor | None:
         """Softmax weights of the tapped layers (sum to 1), or None without ``layers``."""
