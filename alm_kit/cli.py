@@ -196,7 +196,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise AlmKitError(f"bad generation setting: {exc}") from None
     out = Path(args.out) if args.out else directory / "eval" / Path(args.file).stem
     result = evaluate_benchmark(model, gen, benchmark, checkpoint=checkpoint_fingerprint(directory), out_dir=out,
-                                limit=args.limit, reuse=not args.fresh, progress=not args.quiet, plot=args.plot)
+                                limit=args.limit, reuse=not args.fresh, progress=not args.quiet, plot=args.plot,
+                                method=args.scoring)
     print(result.markdown)
     if result.reused:
         print(f"\n{result.reused} answer(s) reused from an earlier run with the same checkpoint and settings")
@@ -392,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: CHECKPOINT/eval/<file stem>)")
     p.add_argument("--plot", action="store_true", help="a bar chart PNG per grouping (needs matplotlib)")
     p.add_argument("--limit", type=int, help="only the first N items")
+    p.add_argument("--scoring", choices=["generate", "likelihood"], default="generate",
+                   help="generate: the model writes an answer, scored with the benchmark's rule (default); "
+                        "likelihood: the option the model finds most likely after the prompt (lm-eval-harness style)")
     p.add_argument("--template", help="generation.mcq_template: auto, mellow, chat or a template string")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--batch-size", type=int)
