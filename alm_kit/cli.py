@@ -188,8 +188,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _pyplot()  # fail before the run, not after it
     benchmark = read_benchmark(args.file, args.format, audio_root=args.audio_root)
     directory = resolve_checkpoint(args.checkpoint)
+    if args.template is not None and args.template_from_data is not None:
+        raise AlmKitError("give --template or --template-from-data, not both")
+    template = _template_option(args.template) if args.template is not None else None
+    if args.template_from_data is not None:
+        from alm_kit.checkpoint import read_recipe
+        from alm_kit.evaluation.runner import template_from_manifest
+
+        template, source = template_from_manifest(read_recipe(directory), args.template_from_data or None)
+        print(f"template from {source}: {_describe_template(template)}", file=sys.stderr)
     model, recipe = load_checkpoint(directory, device=resolve_device(args.device))
-    changes = {"mcq_template": args.template, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
+    changes = {"mcq_template": template, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
     try:
         gen = dataclasses.replace(recipe.generation, **{k: v for k, v in changes.items() if v is not None})
     except ValueError as exc:
@@ -209,6 +218,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"  ... all of them in {result.files['results']}", file=sys.stderr)
     print("\n" + "\n".join(f"{name}: {path}" for name, path in result.files.items()))
     return 0
+
+
+def _template_option(value: str):
+    """``--template``: a name, a prompt string, or a YAML mapping ``{prompt: ..., choice: ..., labels: ...,
+    separator: ...}`` that sets how the options are written."""
+    import yaml
+
+    from alm_kit.config.parse import parse_dataclass
+    from alm_kit.text.mcq import McqTemplate
+
+    try:
+        data = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    if not isinstance(data, dict) or "prompt" not in data:
+        return value
+    return parse_dataclass(McqTemplate, data, path="--template", origin=lambda _key: "command line")
+
+
+def _describe_template(template) -> str:
+    import json
+
+    return json.dumps(vars(template), ensure_ascii=False)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -396,7 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scoring", choices=["generate", "likelihood"], default="generate",
                    help="generate: the model writes an answer, scored with the benchmark's rule (default); "
                         "likelihood: the option the model finds most likely after the prompt (lm-eval-harness style)")
-    p.add_argument("--template", help="generation.mcq_template: auto, mellow, chat or a template string")
+    p.add_argument("--template", help="generation.mcq_template: auto, mellow, chat, a template string, or a "
+                                      "mapping {prompt: ..., choice: '({label}) {choice}', labels: lower, "
+                                      "separator: ' '}")
+    p.add_argument("--template-from-data", nargs="?", const="", metavar="MANIFEST",
+                   help="ask in the style of the training prompts: the template is recovered from MANIFEST "
+                        "(default: the checkpoint recipe's data.train)")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--audio-root", help="folder the audio paths are relative to (default: the file's folder)")

@@ -29,7 +29,7 @@ from alm_kit.errors import AlmKitError
 from alm_kit.evaluation.formats import BenchItem, Benchmark, read_benchmark, write_annotated
 from alm_kit.evaluation.scoring import RULES, accuracy_table, format_table
 from alm_kit.hashing import file_sha256, update_with_file
-from alm_kit.text.mcq import mcq_prompt, resolve_template
+from alm_kit.text.mcq import McqTemplate, mcq_prompt, resolve_template, template_from_prompts
 
 PREDICTIONS = "predictions.jsonl"
 RESULTS = "results.json"
@@ -80,7 +80,8 @@ def checkpoint_fingerprint(directory: str | Path) -> str:
 SCORING_METHODS = ("generate", "likelihood")
 
 
-def run_key(checkpoint: str, gen: GenerationConfig, template: str, device: str, method: str = "generate") -> str:
+def run_key(checkpoint: str, gen: GenerationConfig, template: str | dict, device: str,
+            method: str = "generate") -> str:
     settings = {k: v for k, v in dataclasses.asdict(gen).items() if k not in _NOT_IN_KEY}
     fields = {"checkpoint": checkpoint, "generation": settings, "template": template, "device": device}
     if method != "generate":  # generated answers keep the keys of earlier runs
@@ -175,6 +176,8 @@ def evaluate_benchmark(model, gen: GenerationConfig, benchmark: Benchmark | str 
     items = benchmark.items[:limit] if limit else benchmark.items
     template = resolve_template(gen.mcq_template, model.config.layout.name)
     prompts = {item.index: mcq_prompt(template, item.question, item.choices) for item in items}
+    if not isinstance(template, str):
+        template = dataclasses.asdict(template)  # for the cache key and results.json
     key = run_key(checkpoint, gen, template, str(model.device.type), method)
     answer = _choose if method == "likelihood" else _ask
     out = Path(out_dir) if out_dir is not None else None
@@ -248,6 +251,44 @@ def evaluate_benchmark(model, gen: GenerationConfig, benchmark: Benchmark | str 
             for path in plot_table(table, out / PLOTS, title):
                 result.files[f"plot:{path.stem}"] = path
     return result
+
+
+#: training prompts read to recover a template (enough to see the pattern, cheap on huge manifests)
+TEMPLATE_SAMPLE = 2000
+
+
+def template_from_manifest(recipe, manifest: str | Path | None = None) -> tuple[McqTemplate, str]:
+    """The multiple-choice template a training manifest's prompts follow (``alm-kit eval
+    --template-from-data``): ``manifest``, by default the recipe's ``data.train``. Returns the
+    template and the file it came from; AlmKitError when there is no manifest or no recognisable pattern."""
+    from alm_kit.data.manifest import read_manifest
+    from alm_kit.data.shards import shard_paths
+
+    source = str(manifest or recipe.data.train or "")
+    give = "give the training manifest: --template-from-data MANIFEST"
+    if not source:
+        raise AlmKitError(f"--template-from-data: the checkpoint's recipe names no data.train; {give}")
+    if not Path(source).is_file():
+        if manifest is None and _is_shards(source, shard_paths):
+            raise AlmKitError(f"--template-from-data: data.train is shards ({source}); {give} (JSONL)")
+        where = "" if manifest else " (data.train of the checkpoint's recipe, relative to the current folder)"
+        raise AlmKitError(f"--template-from-data: {source} not found{where}; {give}")
+    examples = read_manifest(source, recipe.data.format if manifest is None else "auto", require_response=False)
+    records = [(e.prompt, e.meta.get("choices") if isinstance(e.meta.get("choices"), list) else None)
+               for e in examples[:TEMPLATE_SAMPLE]]
+    template = template_from_prompts(records)
+    if template is None:
+        raise AlmKitError(f"--template-from-data: the prompts of {source} follow no multiple-choice pattern alm-kit "
+                          "recognises (the options labelled the same way, e.g. '(a) x (b) y' or 'A. x' per line, "
+                          "in at least 80% of the prompts that list options); pass --template")
+    return template, source
+
+
+def _is_shards(source: str, shard_paths) -> bool:
+    try:
+        return shard_paths(source) is not None
+    except AlmKitError:  # shards, some of them missing
+        return True
 
 
 def evaluate_file(model, path: str | Path, gen: GenerationConfig, *, limit: int | None = None,
