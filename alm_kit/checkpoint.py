@@ -247,8 +247,12 @@ def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu"
     standalone params (no download), the rest as the recipe says."""
     directory = resolve_checkpoint(directory)
     recipe = read_recipe(directory)
+    from alm_kit.sources import check_sources
+
     standalone = read_meta(directory).get("standalone") or {}
-    model = build_model(with_standalone_params(recipe, directory.resolve(), standalone).model)
+    to_build = with_standalone_params(recipe, directory.resolve(), standalone)
+    check_sources(to_build, str(directory), data=False)  # what is not stored: cached, or fetched now
+    model = build_model(to_build.model)
     if (directory / TOKENIZER).exists():
         from transformers import AutoTokenizer
 

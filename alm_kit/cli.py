@@ -18,9 +18,11 @@ def _recipe(path: str, overrides: Sequence[str]):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from alm_kit.evaluation.scoring import format_table
+    from alm_kit.sources import check_sources
     from alm_kit.training.engine import train
 
     recipe = _recipe(args.recipe, args.overrides)
+    check_sources(recipe, args.recipe)  # data files, checkpoints, hub models: before anything is built
     result = train(recipe, progress=not args.quiet, resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
@@ -515,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (AlmKitError, FileNotFoundError) as exc:
+    except (AlmKitError, OSError) as exc:  # OSError: a file or the network (transformers' hub errors too)
         if os.environ.get("ALM_KIT_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)

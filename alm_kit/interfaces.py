@@ -252,6 +252,30 @@ class Component(nn.Module):
         """
         return False
 
+    @classmethod
+    def sources(cls, config: Any) -> list[Any]:
+        """What building with ``config`` reads from outside: files, hub models, downloads, packages.
+
+        ``alm-kit train`` checks them all before it builds anything (``alm_kit.sources``), so that a
+        missing checkpoint or an unreachable hub is one clear message, not a traceback after minutes.
+
+        Args:
+            config: the validated ``Config`` the component would be built with.
+
+        Returns:
+            list[alm_kit.sources.Source]: one per file / hub repo / URL / package; the default is none.
+
+        Example:
+            >>> from alm_kit.sources import Source
+            >>> class FileGain(Gain):  # Gain: see the class
+            ...     @classmethod
+            ...     def sources(cls, config):
+            ...         return [Source("file", "/weights/gain.pt", "checkpoint", hint="see the plugin's README")]
+            >>> FileGain.sources(Gain.Config())[0].target, Gain.sources(Gain.Config())
+            ('/weights/gain.pt', [])
+        """
+        return []
+
     def standalone_params(self) -> dict[str, Any] | None:
         """Recipe params that rebuild this component's layers without reading its weights source.
 

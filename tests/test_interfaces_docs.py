@@ -17,7 +17,7 @@ PLUGIN_METHODS = {
     alm_kit.interfaces.Projector: ["__init__", "forward"],
     alm_kit.interfaces.Decoder: ["embed", "forward", "logits", "language_model", "save_tokenizer"],
     alm_kit.interfaces.Layout: ["__init__", "tokenize", "end_token_id", "assemble"],
-    alm_kit.interfaces.Component: ["__init__", "has_pretrained_weights", "standalone_params"],
+    alm_kit.interfaces.Component: ["__init__", "has_pretrained_weights", "sources", "standalone_params"],
 }
 
 

@@ -243,6 +243,16 @@ class CLAPAudioEncoder(NoAttentionMaps, Encoder):
     def has_pretrained_weights(self) -> bool:
         return self.config.checkpoint is not None
 
+    @classmethod
+    def sources(cls, config: Config) -> list[Any]:
+        from alm_kit.sources import Source
+
+        if not config.checkpoint:
+            return []
+        return [Source("file", config.checkpoint, "checkpoint",
+                       hint="point it at a laion-clap checkpoint (e.g. 630k-audioset-best.pt), or "
+                            "{params}.checkpoint=null for random weights (docs/components.md)")]
+
     def standalone_params(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self.config), "checkpoint": None}
 

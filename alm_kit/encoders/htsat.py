@@ -106,6 +106,16 @@ class HTSATEncoder(NoAttentionMaps, Encoder):
     def has_pretrained_weights(self) -> bool:
         return self.config.checkpoint is not None
 
+    @classmethod
+    def sources(cls, config: Config) -> list[Any]:
+        from alm_kit.sources import Source
+
+        if not config.checkpoint:
+            return []
+        return [Source("file", config.checkpoint, "checkpoint",
+                       hint="point it at an HTS-AT AudioSet checkpoint (HTSAT_AudioSet_Saved_1.ckpt) or a "
+                            "laion-clap checkpoint, or {params}.checkpoint=null for random weights (docs/components.md)")]
+
     def standalone_params(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self.config), "checkpoint": None}
 
