@@ -86,20 +86,22 @@ def _entry_digest(spec: Any) -> str:
     return json.dumps({"name": spec.name, "params": spec.params}, sort_keys=True, default=str)
 
 
-def standalone_entries(model: AudioLanguageModel, stored: set[str]) -> dict[str, dict[str, Any]]:
-    """Recipe key -> {"params": standalone params, "entry": the recipe entry they stand for}, for every
-    component whose every weight is in ``stored``."""
+def standalone_entries(model: AudioLanguageModel, recipe: Recipe, stored: set[str]) -> dict[str, dict[str, Any]]:
+    """Recipe key -> {"params": standalone params, "entry": the recipe's entry they stand for}, for
+    every component whose every weight is in ``stored``."""
     from alm_kit.model import model_entries
 
     keys = {id(spec): key for _, spec, key in model_entries(model.config)}
+    saved = {key: spec for _, spec, key in model_entries(recipe.model)}  # the model may be built from standalone params
     names = list(model.state_dict())
     out = {}
     for path, (module, spec) in model.components().items():
         own = [n for n in names if n.startswith(path + ".")]
-        if own and all(n in stored for n in own):
+        key = keys[id(spec)]
+        if own and all(n in stored for n in own) and key in saved:
             params = module.standalone_params()
             if params is not None:
-                out[keys[id(spec)]] = {"params": params, "entry": _entry_digest(spec)}
+                out[key] = {"params": params, "entry": _entry_digest(saved[key])}
     return out
 
 
@@ -151,7 +153,7 @@ def save_checkpoint(model: AudioLanguageModel, recipe: Recipe, directory: str | 
     tmp.mkdir(parents=True)
     state = checkpoint_state(model) if state is None else state
     tied = tied_tensors(state)
-    standalone = standalone_entries(model, set(state))
+    standalone = standalone_entries(model, recipe, set(state))
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items() if k not in tied}
     save_file(state, str(tmp / WEIGHTS))
     (tmp / RECIPE).write_text(dump_recipe(recipe))

@@ -99,6 +99,11 @@ def test_import_stores_tied_weights_once_and_loads_without_the_decoder_source(tm
     assert torch.equal(lm.lm_head.weight, reference["caption_decoder.lm.lm_head.weight"])
     assert torch.equal(model.state_dict()["decoder.lm.model.layers.1.mlp.up_proj.weight"],
                        reference["caption_decoder.lm.model.layers.1.mlp.up_proj.weight"])
+    # an export of it is as self-contained
+    from alm_kit.checkpoint import export_checkpoint
+
+    exported, _ = load_checkpoint(export_checkpoint(tmp_path / "ckpt", tmp_path / "exported"))
+    assert torch.equal(exported.decoder.lm.lm_head.weight, reference["caption_decoder.lm.lm_head.weight"])
 
 
 def test_plain_state_dict_without_prefix_converts_too(tmp_path):
