@@ -51,20 +51,6 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 
 
-def checkpoint_keys(model: AudioLanguageModel) -> set[str]:
-    """Names of the state a checkpoint must hold to rebuild ``model`` from its recipe."""
-    full_prefixes = tuple(f"{path}." for path, (module, _) in model.components().items()
-                          if not getattr(module, "has_pretrained_weights", False))
-    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
-    return {name for name in model.state_dict() if name in trainable or name.startswith(full_prefixes)}
-
-
-def checkpoint_state(model: AudioLanguageModel) -> dict[str, torch.Tensor]:
-    """What a checkpoint must hold to rebuild ``model`` from its recipe."""
-    keep = checkpoint_keys(model)
-    return {name: tensor for name, tensor in model.state_dict().items() if name in keep}
-
-
 def tied_tensors(state: dict[str, torch.Tensor]) -> dict[str, str]:
     """Names whose tensor shares its memory with an earlier name's (tied weights): name -> that name."""
     first: dict[tuple, str] = {}
@@ -72,8 +58,11 @@ def tied_tensors(state: dict[str, torch.Tensor]) -> dict[str, str]:
     for name, tensor in state.items():
         if tensor.device.type == "meta" or tensor.numel() == 0:  # no memory to share
             continue
-        where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-                 tuple(tensor.stride()))
+        try:
+            where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                     tuple(tensor.stride()))
+        except (RuntimeError, NotImplementedError):  # a sharded tensor: stored under every name, as before
+            continue
         if where in first:
             tied[name] = first[where]
         else:
@@ -84,6 +73,23 @@ def tied_tensors(state: dict[str, torch.Tensor]) -> dict[str, str]:
 def _entry_digest(spec: Any) -> str:
     """A component's recipe entry (name and params) as one comparable string."""
     return json.dumps({"name": spec.name, "params": spec.params}, sort_keys=True, default=str)
+
+
+def checkpoint_keys(model: AudioLanguageModel) -> set[str]:
+    """Names of the state a checkpoint must hold to rebuild ``model`` from its recipe (a tied tensor
+    under its first name only)."""
+    full_prefixes = tuple(f"{path}." for path, (module, _) in model.components().items()
+                          if not getattr(module, "has_pretrained_weights", False))
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    state = model.state_dict()
+    keep = {name for name in state if name in trainable or name.startswith(full_prefixes)}
+    return keep - {name for name, first in tied_tensors(state).items() if first in keep}
+
+
+def checkpoint_state(model: AudioLanguageModel) -> dict[str, torch.Tensor]:
+    """What a checkpoint must hold to rebuild ``model`` from its recipe."""
+    keep = checkpoint_keys(model)
+    return {name: tensor for name, tensor in model.state_dict().items() if name in keep}
 
 
 def standalone_entries(model: AudioLanguageModel, recipe: Recipe, stored: set[str]) -> dict[str, dict[str, Any]]:
@@ -224,8 +230,7 @@ def load_weights(model: AudioLanguageModel, directory: str | Path) -> None:
     directory = Path(directory)
     state = load_file(str(directory / WEIGHTS))
     own = model.state_dict()
-    tied = {name for name, target in tied_tensors(own).items() if target in state}  # stored once
-    missing = sorted(checkpoint_keys(model) - set(state) - tied)
+    missing = sorted(checkpoint_keys(model) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
         raise CheckpointError(
