@@ -66,8 +66,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _generation_overrides(args: argparse.Namespace) -> dict:
     """Generation settings given on the command line (unset ones keep the recipe's)."""
-    names = ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "num_beams", "repetition_penalty", "seed",
-             "batch_size", "encoder_batch", "thinking", "thinking_budget")
+    names = ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "num_beams", "repetition_penalty",
+             "seed", "batch_size", "encoder_batch", "thinking", "thinking_budget")
     out = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.do_sample:
         out["do_sample"] = True
@@ -384,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     from alm_kit.evaluation.formats import FORMATS
+    from alm_kit.evaluation.runner import SCORING_METHODS
     from alm_kit.importers import IMPORTERS
 
     p = sub.add_parser("rephrase", help="ALARM self-rephrasing: the recipe's decoder answers from each example's "
@@ -427,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: CHECKPOINT/eval/<file stem>)")
     p.add_argument("--plot", action="store_true", help="a bar chart PNG per grouping (needs matplotlib)")
     p.add_argument("--limit", type=int, help="only the first N items")
-    p.add_argument("--scoring", choices=["generate", "likelihood"], default="generate",
+    p.add_argument("--scoring", choices=SCORING_METHODS, default="generate",
                    help="generate: the model writes an answer, scored with the benchmark's rule (default); "
                         "likelihood: the option the model finds most likely after the prompt (lm-eval-harness style)")
     p.add_argument("--template", help="generation.mcq_template: auto, mellow, chat, a template string, or a "
