@@ -14,7 +14,12 @@ Training writes them into ``RUN_DIR/checkpoints/step-N`` and names the newest in
 a run folder or its ``checkpoints`` folder, meaning the latest one (:func:`resolve_checkpoint`).
 
 Loading rebuilds the model from recipe.yaml (pretrained parts come from their
-hub id / path) and applies model.safetensors on top. Files are written under a
+hub id / path) and applies model.safetensors on top. A component whose every weight is
+stored (imports, exports, a fully fine-tuned decoder) is rebuilt from the params
+``meta.json`` records under ``standalone`` (:meth:`~alm_kit.interfaces.Component.standalone_params`)
+instead, so such a checkpoint loads with no network and no package that only provided
+weights. Tied tensors (a decoder's ``lm_head`` and its embeddings) are stored once;
+``meta.json`` lists them under ``tied``. Files are written under a
 temporary name, flushed to the disk (fsync of every file and folder) and only then
 renamed, so neither an interrupted save nor a power cut leaves a broken directory, and
 ``latest`` is replaced only after its checkpoint is complete and durable. A save that
@@ -51,18 +56,95 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 
 
+def tied_tensors(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Names whose tensor shares its memory with an earlier name's (tied weights): name -> that name."""
+    first: dict[tuple, str] = {}
+    tied = {}
+    for name, tensor in state.items():
+        if tensor.device.type == "meta" or tensor.numel() == 0:  # no memory to share
+            continue
+        try:
+            where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                     tuple(tensor.stride()))
+        except (RuntimeError, NotImplementedError):  # a sharded tensor: stored under every name, as before
+            continue
+        if where in first:
+            tied[name] = first[where]
+        else:
+            first[where] = name
+    return tied
+
+
+def _entry_digest(spec: Any) -> str:
+    """A component's recipe entry (name and params) as one comparable string."""
+    return json.dumps({"name": spec.name, "params": spec.params}, sort_keys=True, default=str)
+
+
 def checkpoint_keys(model: AudioLanguageModel) -> set[str]:
-    """Names of the state a checkpoint must hold to rebuild ``model`` from its recipe."""
+    """Names of the state a checkpoint must hold to rebuild ``model`` from its recipe (a tied tensor
+    under its first name only)."""
     full_prefixes = tuple(f"{path}." for path, (module, _) in model.components().items()
                           if not getattr(module, "has_pretrained_weights", False))
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
-    return {name for name in model.state_dict() if name in trainable or name.startswith(full_prefixes)}
+    state = model.state_dict()
+    keep = {name for name in state if name in trainable or name.startswith(full_prefixes)}
+    return keep - {name for name, first in tied_tensors(state).items() if first in keep}
 
 
 def checkpoint_state(model: AudioLanguageModel) -> dict[str, torch.Tensor]:
     """What a checkpoint must hold to rebuild ``model`` from its recipe."""
     keep = checkpoint_keys(model)
     return {name: tensor for name, tensor in model.state_dict().items() if name in keep}
+
+
+def standalone_entries(model: AudioLanguageModel, recipe: Recipe, stored: set[str]) -> dict[str, dict[str, Any]]:
+    """Recipe key -> {"params": standalone params, "entry": the recipe's entry they stand for}, for
+    every component whose every weight is in ``stored``."""
+    from alm_kit.model import model_entries
+
+    keys = {id(spec): key for _, spec, key in model_entries(model.config)}
+    saved = {key: spec for _, spec, key in model_entries(recipe.model)}  # the model may be built from standalone params
+    names = list(model.state_dict())
+    out = {}
+    for path, (module, spec) in model.components().items():
+        own = [n for n in names if n.startswith(path + ".")]
+        key = keys[id(spec)]
+        if own and all(n in stored for n in own) and key in saved:
+            params = module.standalone_params()
+            if params is not None:
+                out[key] = {"params": params, "entry": _entry_digest(saved[key])}
+    return out
+
+
+def with_standalone_params(recipe: Recipe, directory: Path, entries: dict[str, dict[str, Any]]) -> Recipe:
+    """``recipe`` with the components ``entries`` names built from their standalone params
+    (``{checkpoint}`` in a string is ``directory``). An entry whose recipe entry was edited since the
+    save is left as the recipe says."""
+    import dataclasses
+
+    def fill(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace("{checkpoint}", str(directory))
+        if isinstance(value, dict):
+            return {k: fill(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [fill(v) for v in value]
+        return value
+
+    model = recipe.model
+    encoders = list(model.encoders)
+    changes: dict[str, Any] = {}
+    for key, saved in entries.items():
+        parts = key.split(".")  # model.decoder, model.encoders.0
+        if parts[1] == "encoders":
+            index = int(parts[2])
+            if index < len(encoders) and _entry_digest(encoders[index]) == saved["entry"]:
+                encoders[index] = dataclasses.replace(encoders[index], params=fill(saved["params"]))
+        else:
+            spec = getattr(model, parts[1], None)
+            if spec is not None and _entry_digest(spec) == saved["entry"]:
+                changes[parts[1]] = dataclasses.replace(spec, params=fill(saved["params"]))
+    return dataclasses.replace(recipe, model=dataclasses.replace(model, encoders=encoders, **changes))
 
 
 def save_checkpoint(model: AudioLanguageModel, recipe: Recipe, directory: str | Path,
@@ -80,9 +162,12 @@ def save_checkpoint(model: AudioLanguageModel, recipe: Recipe, directory: str | 
     if tmp.exists():
         shutil.rmtree(tmp)
     state = checkpoint_state(model) if state is None else state
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    tied = tied_tensors(state)
+    standalone = standalone_entries(model, recipe, set(state))
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items() if k not in tied}
     meta = {"alm_kit_version": __version__, "tensors": len(state),
-            "parameters": int(sum(v.numel() for v in state.values())), **(extra_meta or {})}
+            "parameters": int(sum(v.numel() for v in state.values())), **(extra_meta or {}),
+            "tied": tied, "standalone": standalone}
 
     def write() -> None:
         tmp.mkdir(parents=True)
@@ -258,10 +343,22 @@ def load_weights(model: AudioLanguageModel, directory: str | Path) -> None:
     model.load_state_dict(state, strict=False)
 
 
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / META
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def load_checkpoint(directory: str | Path, *, device: str | torch.device = "cpu") -> tuple[AudioLanguageModel, Recipe]:
+    """The model and the recipe it was trained with; components stored whole are built from their
+    standalone params (no download), the rest as the recipe says."""
     directory = resolve_checkpoint(directory)
     recipe = read_recipe(directory)
-    model = build_model(recipe.model)
+    from alm_kit.sources import check_sources
+
+    standalone = read_meta(directory).get("standalone") or {}
+    to_build = with_standalone_params(recipe, directory.resolve(), standalone)
+    check_sources(to_build, str(directory), data=False)  # what is not stored: cached, or fetched now
+    model = build_model(to_build.model)
     if (directory / TOKENIZER).exists():
         from transformers import AutoTokenizer
 
@@ -317,7 +414,7 @@ def export_checkpoint(source: str | Path, out: str | Path) -> Path:
         if entry is not None and entry.train == "lora":
             changes[name] = dataclasses.replace(entry, train="full", lora=None)
     recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, **changes))
-    meta = json.loads((source / META).read_text()) if (source / META).exists() else {}
+    meta = read_meta(source)
     return save_checkpoint(model, recipe, out, {"step": meta.get("step"), "exported_from": str(source),
                                                 "merged_lora_layers": merged}, state=model.state_dict())
 

@@ -24,9 +24,11 @@ def _recipe(path: str, overrides: Sequence[str]):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from alm_kit.evaluation.scoring import format_table
+    from alm_kit.sources import check_sources
     from alm_kit.training.engine import train
 
     recipe = _recipe(args.recipe, args.overrides)
+    check_sources(recipe, args.recipe)  # data files, checkpoints, hub models: before anything is built
     result = train(recipe, progress=not args.quiet, resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
@@ -70,8 +72,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _generation_overrides(args: argparse.Namespace) -> dict:
     """Generation settings given on the command line (unset ones keep the recipe's)."""
-    names = ("max_new_tokens", "temperature", "top_p", "top_k", "num_beams", "repetition_penalty", "seed",
-             "batch_size", "encoder_batch", "thinking", "thinking_budget", "cuda_graphs")
+    names = ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "num_beams", "repetition_penalty",
+             "seed", "batch_size", "encoder_batch", "thinking", "thinking_budget", "cuda_graphs")
     out = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.do_sample:
         out["do_sample"] = True
@@ -107,6 +109,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                               "finish_reason": result.finish_reason}, ensure_ascii=False))
         else:
             print(result.text)
+        if not result.answer:
+            print(f"note: {_empty_answer_reason(result)}", file=sys.stderr)
         return 0
     from alm_kit.inference.files import generate_file
     from alm_kit.parallel import joined
@@ -118,7 +122,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not ranks.is_main:  # rank 0 reports; an early non-zero exit here would make torchrun stop it
         return 0
     print(report.summary())
+    if report.empty:
+        print(f"note: {report.empty} of the answers are empty (the model ended before any answer text); "
+              "--min-new-tokens N makes it generate at least N tokens", file=sys.stderr)
     return EXIT_FAILED_ITEMS if report.failed_rows else 0
+
+
+def _empty_answer_reason(result) -> str:
+    """Why ``generate`` printed an empty answer, and what to try."""
+    if result.finish_reason == "stop" and not result.tokens:
+        return ("the answer is empty: the model produced its end token first; --min-new-tokens N makes it "
+                "generate at least N tokens")
+    if result.finish_reason == "length":
+        return "the answer is empty: max_new_tokens ran out before the answer began (--max-new-tokens)"
+    return (f"the answer is empty (finish reason: {result.finish_reason}; the model generated only special "
+            "tokens or a thought); --min-new-tokens N makes it generate at least N tokens")
 
 
 def cmd_rephrase(args: argparse.Namespace) -> int:
@@ -158,6 +176,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def add_generation_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation (default: the recipe's generation section)")
     g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--min-new-tokens", type=int,
+                   help="no end token before this many new tokens (for a model that would answer with nothing)")
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float)
     g.add_argument("--top-p", type=float)
@@ -193,9 +213,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _pyplot()  # fail before the run, not after it
     benchmark = read_benchmark(args.file, args.format, audio_root=args.audio_root)
     directory = resolve_checkpoint(args.checkpoint)
+    if args.template is not None and args.template_from_data is not None:
+        raise AlmKitError("give --template or --template-from-data, not both")
+    template = _template_option(args.template) if args.template is not None else None
+    if args.template_from_data is not None:
+        from alm_kit.checkpoint import read_recipe
+        from alm_kit.evaluation.runner import template_from_manifest
+
+        template, source = template_from_manifest(read_recipe(directory), args.template_from_data or None)
+        print(f"template from {source}: {_describe_template(template)}", file=sys.stderr)
     with joined() as ranks:  # under torchrun each rank answers a share of the items
         model, recipe = load_model(directory, device=ranks.device(args.device), dtype=args.dtype)
-        changes = {"mcq_template": args.template, "max_new_tokens": args.max_new_tokens,
+        changes = {"mcq_template": template, "max_new_tokens": args.max_new_tokens,
                    "batch_size": args.batch_size, "dtype": args.dtype}
         try:
             gen = dataclasses.replace(recipe.generation, **{k: v for k, v in changes.items() if v is not None})
@@ -204,7 +233,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else directory / "eval" / Path(args.file).stem
         result = evaluate_benchmark(model, gen, benchmark, checkpoint=checkpoint_fingerprint(directory),
                                     out_dir=out, limit=args.limit, reuse=not args.fresh, progress=not args.quiet,
-                                    plot=args.plot, ranks=ranks)
+                                    plot=args.plot, ranks=ranks, method=args.scoring)
     if not ranks.is_main:  # rank 0 reports; an early non-zero exit here would make torchrun stop it
         return 0
     print(result.markdown)
@@ -218,6 +247,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"  ... all of them in {result.files['results']}", file=sys.stderr)
     print("\n" + "\n".join(f"{name}: {path}" for name, path in result.files.items()))
     return EXIT_FAILED_ITEMS if result.failed else 0
+
+
+def _template_option(value: str):
+    """``--template``: a name, a prompt string, or a YAML mapping ``{prompt: ..., choice: ..., labels: ...,
+    separator: ...}`` that sets how the options are written."""
+    import yaml
+
+    from alm_kit.config.parse import parse_dataclass
+    from alm_kit.text.mcq import McqTemplate
+
+    try:
+        data = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    if not isinstance(data, dict) or "prompt" not in data:
+        return value
+    return parse_dataclass(McqTemplate, data, path="--template", origin=lambda _key: "command line")
+
+
+def _describe_template(template) -> str:
+    import json
+
+    return json.dumps(vars(template), ensure_ascii=False)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -361,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     from alm_kit.evaluation.formats import FORMATS
+    from alm_kit.evaluation.runner import SCORING_METHODS
     from alm_kit.importers import IMPORTERS
 
     p = sub.add_parser("rephrase", help="ALARM self-rephrasing: the recipe's decoder answers from each example's "
@@ -410,7 +463,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: CHECKPOINT/eval/<file stem>)")
     p.add_argument("--plot", action="store_true", help="a bar chart PNG per grouping (needs matplotlib)")
     p.add_argument("--limit", type=int, help="only the first N items")
-    p.add_argument("--template", help="generation.mcq_template: auto, mellow, chat or a template string")
+    p.add_argument("--scoring", choices=SCORING_METHODS, default="generate",
+                   help="generate: the model writes an answer, scored with the benchmark's rule (default); "
+                        "likelihood: the option the model finds most likely after the prompt (lm-eval-harness style)")
+    p.add_argument("--template", help="generation.mcq_template: auto, mellow, chat, a template string, or a "
+                                      "mapping {prompt: ..., choice: '({label}) {choice}', labels: lower, "
+                                      "separator: ' '}")
+    p.add_argument("--template-from-data", nargs="?", const="", metavar="MANIFEST",
+                   help="ask in the style of the training prompts: the template is recovered from MANIFEST "
+                        "(default: the checkpoint recipe's data.train)")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--audio-root", help="folder the audio paths are relative to (default: the file's folder)")
@@ -508,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     try:
         return args.func(args)
-    except (AlmKitError, FileNotFoundError) as exc:
+    except (AlmKitError, OSError) as exc:  # OSError: a file or the network (transformers' hub errors too)
         if os.environ.get("ALM_KIT_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)

@@ -36,8 +36,10 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -196,6 +198,35 @@ class TextInputs:
     truncated: int = 0
 
 
+# --------------------------------------------------------------------------- what a component reads
+#: a hub repo id: "name" or "owner/name"
+_REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One thing a component reads when it is built."""
+
+    kind: Literal["file", "hub", "download", "package"]
+    #: a path (file), a repo id (hub), a URL (download) or an importable module name (package)
+    target: str
+    #: the component param that names it ("checkpoint", "pretrained"); the message prefixes the component's key
+    key: str
+    #: hub: a file of the repo that must be in the local cache; download: the path it is cached at
+    cached_as: str | None = None
+    #: how to get it when it is missing (pip command, docs section, another key to set); ``{params}``
+    #: stands for the component's params key (``model.encoders.0.params``)
+    hint: str = ""
+
+
+def hub_or_path(value: str, key: str, cached_as: str = "config.json", hint: str = "") -> Source:
+    """A ``pretrained``-style value: a local folder when it exists or cannot be a repo id, else a hub repo."""
+    if Path(value).expanduser().exists() or not _REPO_ID.match(value) or value.startswith("."):
+        return Source("file", value, key, hint=hint)
+    return Source("hub", value, key, cached_as=cached_as, hint=hint)
+
+
+
 # --------------------------------------------------------------------------- components
 class Component(nn.Module):
     """Common base: a nested ``Config`` dataclass and a flag for pretrained base weights.
@@ -256,6 +287,52 @@ class Component(nn.Module):
             (True, False)
         """
         return False
+
+    @classmethod
+    def sources(cls, config: Any) -> list[Any]:
+        """What building with ``config`` reads from outside: files, hub models, downloads, packages.
+
+        ``alm-kit train`` checks them all before it builds anything (``alm_kit.sources``), so that a
+        missing checkpoint or an unreachable hub is one clear message, not a traceback after minutes.
+
+        Args:
+            config: the validated ``Config`` the component would be built with.
+
+        Returns:
+            list[Source]: one per file / hub repo / URL / package; the default is none.
+
+        Example:
+            >>> from alm_kit.interfaces import Source
+            >>> class FileGain(Gain):  # Gain: see the class
+            ...     @classmethod
+            ...     def sources(cls, config):
+            ...         return [Source("file", "/weights/gain.pt", "checkpoint", hint="see the plugin's README")]
+            >>> FileGain.sources(Gain.Config())[0].target, Gain.sources(Gain.Config())
+            ('/weights/gain.pt', [])
+        """
+        return []
+
+    def standalone_params(self) -> dict[str, Any] | None:
+        """Recipe params that rebuild this component's layers without reading its weights source.
+
+        A checkpoint that stores every weight of a component (``alm-kit import``, ``alm-kit export``, a
+        fully fine-tuned decoder) records them in ``meta.json``; loading it builds the component from
+        them, so it needs no network and no package that only provided the weights. In strings,
+        ``{checkpoint}`` stands for the checkpoint folder (the decoder's tokenizer is saved as
+        ``{checkpoint}/tokenizer``).
+
+        Returns:
+            dict | None: plain data valid for ``Config``, building the same shapes with no download; None
+            (the default): loading builds the component from its recipe entry, fetching its weights again.
+
+        Example:
+            >>> class HubGain(LoadedGain):  # LoadedGain: see has_pretrained_weights
+            ...     def standalone_params(self):
+            ...         return {"scale": self.config.scale}  # the same layers, no weights file named
+            >>> HubGain(Gain.Config(scale=2.0), StreamInfo(4), 4).standalone_params(), gain.standalone_params()
+            ({'scale': 2.0}, None)
+        """
+        return None
 
 
 class Encoder(Component):

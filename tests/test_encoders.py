@@ -460,3 +460,27 @@ def test_bf16_weights_keep_the_mel_front_end_in_fp32(name, encoders):
     assert got.frames.dtype == torch.bfloat16
     scale = want.frames.abs().max()
     assert (got.frames.float() - want.frames).abs().max() < 0.08 * scale
+
+
+def test_building_laion_encoders_shows_no_meshgrid_warning_but_other_calls_still_warn(monkeypatch):
+    """laion's Swin code calls torch.meshgrid without ``indexing=``: the warning is silenced while
+    HTS-AT (alone or as CLAP's branch) is built, and nowhere else. torch warns once per process (from
+    C++), so a stand-in that warns on every call takes its place."""
+    import warnings
+
+    real = torch.meshgrid
+
+    def meshgrid(*args, **kwargs):
+        if "indexing" not in kwargs:
+            warnings.warn("torch.meshgrid: in an upcoming release, it will be required to pass the indexing "
+                          "argument.", UserWarning, stacklevel=2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "meshgrid", meshgrid)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        HTSATEncoder(HTSATEncoder.Config(**TINY_HTSAT))
+        CLAPAudioEncoder(CLAPAudioEncoder.Config(**TINY_CLAP))
+        assert not [w for w in caught if "meshgrid" in str(w.message)]
+        torch.meshgrid(torch.arange(2), torch.arange(2))  # a user's own call still warns
+    assert len([w for w in caught if "meshgrid" in str(w.message)]) == 1

@@ -229,3 +229,36 @@ def test_cli_eval_errors_are_one_line(checkpoint, tmp_path, capsys):
     path.write_text(json.dumps([{"audio": "x.wav", "question": "q", "choices": ["a", "b"], "answer": "a"}]))
     assert main(["eval", str(checkpoint), str(path), "--template", "{question}"]) == 2
     assert "mcq_template must be one of" in capsys.readouterr().err
+
+
+def test_cli_eval_asks_in_the_style_of_the_training_prompts(checkpoint, tmp_path, capsys):
+    """--template-from-data recovers the template from a training manifest; --template takes a mapping."""
+    from alm_kit.cli import main
+
+    (tmp_path / "clips").mkdir()
+    write_tone(tmp_path / "clips" / "0.wav", 400.0, 0.5)
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"audio": "clips/0.wav", "prompt": f"{q} Choose one: (a) {a} (b) {b}",
+                                         "response": a}) + "\n"
+                             for q, a, b in [("How many beeps?", "two", "one"), ("Which is louder?", "first",
+                                                                                 "second")]))
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"id": "x", "audio": "clips/0.wav", "question": "Is it a tone?",
+                                 "choices": ["yes", "no"], "answer": "yes"}) + "\n")
+    out = tmp_path / "out"
+    args = ["eval", str(checkpoint), str(bench), "--quiet", "--out", str(out)]
+    assert main([*args, "--template-from-data", str(train)]) == 0
+    assert f"template from {train}" in capsys.readouterr().err
+    expected = {"prompt": "{question} Choose one: {choices}", "choice": "({label}) {choice}", "labels": "lower",
+                "separator": " "}
+    assert json.loads((out / "results.json").read_text())["template"] == expected
+    # the same template given by hand: the same run (answers reused)
+    assert main([*args, "--template", json.dumps(expected)]) == 0
+    assert "1 answer(s) reused" in capsys.readouterr().out
+    # the checkpoint's recipe names no training data, and a file of free-form prompts has no pattern
+    assert main([*args, "--template-from-data"]) == 2
+    assert "names no data.train; give the training manifest" in capsys.readouterr().err
+    free = tmp_path / "free.jsonl"
+    free.write_text(json.dumps({"audio": "clips/0.wav", "prompt": "describe it", "response": "a tone"}) + "\n")
+    assert main([*args, "--template-from-data", str(free)]) == 2
+    assert "follow no multiple-choice pattern" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from alm_kit.evaluation.scoring import accuracy_table, chosen_option, format_table, option_match, string_match
@@ -82,6 +84,56 @@ def test_mcq_prompts():
     assert own == "Q: Which?\nA. x\nB. y\nC. z\nPick A, B or C."
     assert resolve_template("auto", "prefix") == "mellow" and resolve_template("auto", "placeholder") == "chat"
     assert resolve_template("mellow", "placeholder") == "mellow"
+
+
+def test_mcq_templates_set_the_label_style_the_separator_and_inline_or_one_per_line():
+    from alm_kit.config.loader import recipe_from_dict
+    from alm_kit.config.parse import ConfigError
+    from alm_kit.text.mcq import McqTemplate
+    from tests.conftest import tiny_recipe_dict
+
+    inline = McqTemplate(prompt="{question} Choose one: {choices}", choice="({label}) {choice}", labels="lower",
+                         separator=" ")
+    assert mcq_prompt(inline, "How many beeps?", ["two", "one"]) == "How many beeps? Choose one: (a) two (b) one"
+    numbered = McqTemplate(prompt="{question}\n{choices}\nAnswer {letters}.", choice="{label}) {choice}",
+                           labels="number")
+    assert mcq_prompt(numbered, "Which?", ["x", "y", "z"]) == "Which?\n1) x\n2) y\n3) z\nAnswer 1, 2 or 3."
+    assert mcq_prompt(McqTemplate(prompt="{question} [{choices}]", choice="{choice}", separator=" / "), "Q?",
+                      ["x", "y"]) == "Q? [x / y]"
+    # a recipe sets it as a mapping; mistakes name the key
+    recipe = recipe_from_dict(tiny_recipe_dict(**{"generation.mcq_template": {
+        "prompt": "{question} Choose one: {choices}", "choice": "({label}) {choice}", "labels": "lower",
+        "separator": " "}}))
+    assert recipe.generation.mcq_template == inline
+    with pytest.raises(ConfigError, match=r"generation.mcq_template.labels: invalid value 'roman'"):
+        recipe_from_dict(tiny_recipe_dict(**{"generation.mcq_template": {"prompt": "{question} {choices}",
+                                                                         "labels": "roman"}}))
+    with pytest.raises(ConfigError, match=r"mcq_template.choice: .*must contain \{choice\}"):
+        recipe_from_dict(tiny_recipe_dict(**{"generation.mcq_template": {"prompt": "{question} {choices}",
+                                                                         "choice": "{label}"}}))
+
+
+def test_templates_are_recovered_from_training_prompts(tmp_path):
+    from alm_kit.data.synth import synthesize
+    from alm_kit.text.mcq import NAMED, McqTemplate, template_from_prompts
+
+    choose = [("How many beeps? Choose one: (a) two (b) one (c) three", ["two", "one", "three"]),
+              ("Is the second clip louder than the first? Choose one: (a) yes (b) no", ["yes", "no"]),
+              ("Which of two sounds is a dog? Choose one: (a) first (b) two (c) neither", None)]  # options not given
+    template = template_from_prompts(choose)
+    assert template == McqTemplate(prompt="{question} Choose one: {choices}", choice="({label}) {choice}",
+                                   labels="lower", separator=" ")
+    assert mcq_prompt(template, "How loud?", ["very", "not"]) == "How loud? Choose one: (a) very (b) not"
+    lines = [("Q: how many beeps?\nA. two\nB. one\nAnswer:", None), ("Q: which one?\nA. x y\nB. z\nAnswer:", None)]
+    assert template_from_prompts(lines) == McqTemplate(prompt="Q: {question}\n{choices}\nAnswer:")
+    # alm-kit's synthetic training set is written in Mellow's style
+    report = synthesize(tmp_path / "synth", n_train=12, n_test=2, seed=0, speech=False, progress=False)
+    rows = [json.loads(line) for line in report.train_manifest.read_text().splitlines()]
+    assert template_from_prompts((r["prompt"], r["choices"]) for r in rows) == NAMED["mellow"]
+    # no pattern, or no single one
+    assert template_from_prompts([("describe the sound", None), ("what is it?", None)]) is None
+    mixed = [choose[0], lines[0], ("Which? A. x B. y", None), ("Where? 1. here 2. there", None)]
+    assert template_from_prompts(mixed) is None
 
 
 def test_bad_templates_are_config_errors():

@@ -411,9 +411,32 @@ def test_mellow_wrapper_has_the_reference_call_shape_and_is_greedy(checkpoint, t
     assert isinstance(answers, list) and len(answers) == 2 and all(isinstance(a, str) for a in answers)
     alm = ALM.from_pretrained(checkpoint, device="cpu")
     for (a, b, prompt), answer in zip(examples, answers):
-        assert answer == alm.generate([a, b], prompt, max_new_tokens=5).text
+        assert answer.strip() == alm.generate([a, b], prompt, max_new_tokens=5).text
     # like the reference, top_p and temperature do not change greedy decoding
     assert mellow.generate(examples=examples, max_len=5, top_p=0.1, temperature=3.0) == answers
+
+
+def test_mellow_wrapper_returns_the_reference_string_with_its_spaces(checkpoint, tones, monkeypatch):
+    """The reference decodes the tokens as they are and cuts at the stop token: no stripping."""
+    import dataclasses
+
+    from alm_kit.decoders.causal_lm import CausalLMDecoder
+    from alm_kit.inference.mellow_wrapper import MellowWrapper
+
+    logits = CausalLMDecoder.logits
+
+    def space_word_then_end(self, hidden):
+        out = logits(self, hidden).clone()
+        out[..., self.tokenizer.encode(" do", add_special_tokens=False)[0]] += 50.0
+        out[..., self.tokenizer.eos_token_id] += 100.0
+        return out
+
+    monkeypatch.setattr(CausalLMDecoder, "logits", space_word_then_end)
+    mellow = MellowWrapper(checkpoint=checkpoint)
+    mellow.alm.engine.defaults = dataclasses.replace(mellow.alm.engine.defaults, min_new_tokens=2)
+    answers = mellow.generate(examples=[[tones[0], tones[1], "what is it?"]], max_len=5, top_p=0.8, temperature=1.0)
+    assert answers == [" do do"]
+    assert mellow.alm.generate([tones[0], tones[1]], "what is it?", min_new_tokens=2).text == "do do"
 
 
 def test_generate_cli_answers_a_jsonl_file_and_resumes(checkpoint, tones, tmp_path, capsys):
@@ -528,6 +551,40 @@ def test_generate_cli_one_example_prints_the_answer(checkpoint, tones, capsys):
     assert printed["text"] == expected.text
     assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "no audio"]) == 2
     assert "--audio" in capsys.readouterr().err
+
+
+def test_generate_cli_says_when_the_answer_is_empty_and_min_new_tokens_prevents_it(checkpoint, tones, capsys,
+                                                                                     monkeypatch, tmp_path):
+    """A model that emits its end token first: the empty answer is reported on stderr;
+    --min-new-tokens forbids the end token for the first tokens."""
+    import json
+
+    from alm_kit.cli import main
+    from alm_kit.decoders.causal_lm import CausalLMDecoder
+
+    logits = CausalLMDecoder.logits
+
+    def prefers_to_stop(self, hidden):  # the end token first, then a word
+        out = logits(self, hidden).clone()
+        word = self.tokenizer.encode("dog", add_special_tokens=False)[0]
+        out[..., word] += 50.0
+        out[..., self.tokenizer.eos_token_id] += 100.0
+        return out
+
+    monkeypatch.setattr(CausalLMDecoder, "logits", prefers_to_stop)
+    args = ["generate", "--checkpoint", str(checkpoint), "--audio", tones[0], "--prompt", "which?", "--device", "cpu"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert out == "\n" and "the answer is empty: the model produced its end token first" in err
+    assert "--min-new-tokens" in err
+    assert main([*args, "--min-new-tokens", "1", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["text"] == "d" and "empty" not in err  # the tiny tokenizer's "dog" starts with "d"
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"id": "a", "audio": tones[0], "prompt": "which?"}) + "\n")
+    assert main(["generate", "--checkpoint", str(checkpoint), "--input", str(source), "--output",
+                 str(tmp_path / "out.jsonl"), "--quiet", "--device", "cpu"]) == 0
+    assert "1 of the answers are empty" in capsys.readouterr().err
 
 
 def test_text_only_generation_equals_transformers_on_the_plain_decoder():

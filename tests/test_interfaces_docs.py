@@ -17,7 +17,7 @@ PLUGIN_METHODS = {
     alm_kit.interfaces.Projector: ["__init__", "forward"],
     alm_kit.interfaces.Decoder: ["embed", "forward", "logits", "language_model", "save_tokenizer"],
     alm_kit.interfaces.Layout: ["__init__", "tokenize", "end_token_id", "assemble"],
-    alm_kit.interfaces.Component: ["__init__", "has_pretrained_weights"],
+    alm_kit.interfaces.Component: ["__init__", "has_pretrained_weights", "sources", "standalone_params"],
 }
 
 
@@ -45,7 +45,8 @@ def test_every_plugin_method_documents_args_returns_and_an_example(cls, names):
         member = inspect.getattr_static(cls, name)
         doc = inspect.getdoc(getattr(member, "fget", member)) or ""
         returns = name not in ("__init__", "save_tokenizer")
-        assert "Args:" in doc or name in ("language_model", "end_token_id", "has_pretrained_weights"), name
+        assert "Args:" in doc or name in ("language_model", "end_token_id", "has_pretrained_weights",
+                                                      "standalone_params"), name
         assert ("Returns:" in doc) == returns or name == "__init__", name
         assert "Example:" in doc or name == "__init__", name
     assert "Example:" in (cls.__doc__ or "")

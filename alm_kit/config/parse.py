@@ -106,13 +106,18 @@ def _convert(tp: Any, value: Any, key: str, origin: Origins) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        for option in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        for option in options:
             try:
                 return _convert(option, value, key, origin)
             except ConfigError as exc:
                 errors.append(exc)
         if len(errors) == 1:
             raise errors[0]
+        # a mapping can only mean the one dataclass option: its own error says what is wrong
+        structured = [e for o, e in zip(options, errors) if dataclasses.is_dataclass(o)]
+        if isinstance(value, Mapping) and len(structured) == 1:
+            raise structured[0]
         raise fail(f"expected {_type_name(tp)}, got {value!r}")
     if kind is Literal:
         if value in args:

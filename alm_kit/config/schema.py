@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from alm_kit.text.mcq import McqTemplate, check_template
+
 TrainMode = Literal["frozen", "full", "lora"]
 
 
@@ -229,8 +231,9 @@ class GenerationConfig:
     thinking_budget: int | None = None
     thinking_close: str = "\n\nConsidering the limited time, I have to give the answer now.\n</think>\n\n"
     #: how multiple-choice items are asked (alm-kit eval): auto | mellow | chat | a template with
-    #: {question} and {choices} (docs/evaluation.md)
-    mcq_template: str = "auto"
+    #: {question} and {choices} | {prompt, choice, labels, separator} to set how options are written
+    #: (docs/evaluation.md)
+    mcq_template: str | McqTemplate = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "temperature", "num_beams", "batch_size", "repetition_penalty",
@@ -248,8 +251,6 @@ class GenerationConfig:
             raise ValueError("num_beams > 1 is beam search; it cannot be combined with do_sample")
         if self.num_beams > 1 and self.thinking_budget is not None:
             raise ValueError("thinking_budget works with greedy decoding or sampling, not with beam search")
-        from alm_kit.text.mcq import check_template
-
         check_template(self.mcq_template)
 
 

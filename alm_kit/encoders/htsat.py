@@ -13,14 +13,15 @@ fmin 50, fmax 14000, Swin-Tiny. CLAP-trained HTS-AT uses 48 kHz, 10.24 s, hop 48
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from alm_kit.encoders._laion import NoAttentionMaps, clap_module, fix_front_end
+from alm_kit.encoders._laion import NoAttentionMaps, building_laion_modules, clap_module, fix_front_end
 from alm_kit.interfaces import AudioFeatures, AudioSpec, Encoder, StreamInfo
 from alm_kit.nn.masks import frames_mask
 
@@ -75,7 +76,7 @@ class HTSATEncoder(NoAttentionMaps, Encoder):
             sample_rate=config.sample_rate, window_size=config.window_size, hop_size=config.hop_size,
             mel_bins=config.mel_bins, fmin=config.fmin, fmax=config.fmax,
         )
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), building_laion_modules():
             torch.manual_seed(config.init_seed)
             self.htsat = htsat.HTSAT_Swin_Transformer(
                 spec_size=config.spec_size, patch_size=config.patch_size, patch_stride=(config.patch_size,) * 2,
@@ -104,6 +105,19 @@ class HTSATEncoder(NoAttentionMaps, Encoder):
     @property
     def has_pretrained_weights(self) -> bool:
         return self.config.checkpoint is not None
+
+    @classmethod
+    def sources(cls, config: Config) -> list[Any]:
+        from alm_kit.interfaces import Source
+
+        if not config.checkpoint:
+            return []
+        return [Source("file", config.checkpoint, "checkpoint",
+                       hint="point it at an HTS-AT AudioSet checkpoint (HTSAT_AudioSet_Saved_1.ckpt) or a "
+                            "laion-clap checkpoint, or {params}.checkpoint=null for random weights (docs/components.md)")]
+
+    def standalone_params(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.config), "checkpoint": None}
 
     def load_checkpoint(self, path: str) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)

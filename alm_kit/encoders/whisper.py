@@ -23,6 +23,8 @@ frames. ``layers`` taps hidden states and mixes them with learned softmax weight
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -244,6 +246,32 @@ class WhisperEncoder(Encoder):
     @property
     def has_pretrained_weights(self) -> bool:
         return bool(self.config.checkpoint) or self.config.pretrained
+
+    @classmethod
+    def sources(cls, config: Config) -> list[Any]:
+        from alm_kit.interfaces import Source
+
+        if config.checkpoint:
+            return [Source("file", config.checkpoint, "checkpoint", hint="point it at a Whisper .pt file")]
+        if not config.pretrained:
+            return []
+        import whisper
+
+        size = config.size or DEFAULT_SIZE
+        url = whisper._MODELS[size]
+        root = os.path.join(os.getenv("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")), "whisper")
+        cached = os.path.join(root, os.path.basename(url))
+        return [Source("download", url, "pretrained", cached_as=cached, hint=(
+            f"download it where there is network (python -c \"import whisper; whisper.load_model('{size}')\" "
+            f"caches it as {cached}) and copy it there, or use a copy elsewhere: {{params}}.pretrained=false "
+            f"{{params}}.checkpoint=/path/{os.path.basename(url)} (docs/components.md)"))]
+
+    def standalone_params(self) -> dict[str, Any]:
+        """The loaded dimensions as a published size with this encoder's width, heads and depth (no download)."""
+        dims = self.dims
+        size = self.config.size or next(name for name, row in WHISPER_SIZES.items() if row[0] == dims.n_mels)
+        return {**dataclasses.asdict(self.config), "checkpoint": None, "pretrained": False, "size": size,
+                "n_state": dims.n_audio_state, "n_head": dims.n_audio_head, "n_layer": dims.n_audio_layer}
 
     def mixing_weights(self) -> Tensor | None:
         """Softmax weights of the tapped layers (sum to 1), or None without ``layers``."""

@@ -1,5 +1,10 @@
 """Ask a model every item of a benchmark file, score it, and write the results.
 
+Two ways to get an item's answer: ``generate`` (the model writes an answer, scored with the
+benchmark's rule: string match or option match) and ``likelihood`` (the option whose text the model
+finds most likely after the prompt, :func:`alm_kit.inference.likelihood.score_candidates`, as
+lm-eval-harness scores multiple choice; the chosen option is then scored with the same rule).
+
 Answers are appended to ``OUT_DIR/predictions.jsonl`` after every batch, keyed by the checkpoint's
 content, the generation settings, the prompt template, the device type and each item's prompt and
 audio *contents* (a clip whose bytes changed is answered again); a re-run with the same key answers
@@ -29,7 +34,7 @@ from alm_kit.evaluation.formats import BenchItem, Benchmark, read_benchmark, wri
 from alm_kit.evaluation.scoring import RULES, accuracy_table, format_table
 from alm_kit.hashing import file_sha256, update_with_file
 from alm_kit.parallel import Ranks, merge_parts, part_path
-from alm_kit.text.mcq import mcq_prompt, resolve_template
+from alm_kit.text.mcq import McqTemplate, mcq_prompt, resolve_template, template_from_prompts
 
 PREDICTIONS = "predictions.jsonl"
 RESULTS = "results.json"
@@ -76,10 +81,17 @@ def checkpoint_fingerprint(directory: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def run_key(checkpoint: str, gen: GenerationConfig, template: str, device: str) -> str:
+#: how an item's answer is obtained: generated and matched, or the most likely option
+SCORING_METHODS = ("generate", "likelihood")
+
+
+def run_key(checkpoint: str, gen: GenerationConfig, template: str | dict, device: str,
+            method: str = "generate") -> str:
     settings = {k: v for k, v in dataclasses.asdict(gen).items() if k not in _NOT_IN_KEY}
-    blob = json.dumps({"checkpoint": checkpoint, "generation": settings, "template": template, "device": device},
-                      sort_keys=True, default=str)
+    fields = {"checkpoint": checkpoint, "generation": settings, "template": template, "device": device}
+    if method != "generate":  # generated answers keep the keys of earlier runs
+        fields["method"] = method
+    blob = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -120,15 +132,34 @@ def _ask_texts(model, gen: GenerationConfig, items: list[BenchItem], prompts: di
     from alm_kit.inference.engine import Request, generate
 
     requests = [Request(audio=list(i.audio), prompt=prompts[i.index], id=i.id) for i in items]
+    return _each_alone_on_error(lambda rows: generate(model, [requests[i] for i in rows], gen), len(requests))
+
+
+def _choose(model, gen: GenerationConfig, items: list[BenchItem], prompts: dict[int, str]) -> list[str | Exception]:
+    """The option the model finds most likely for each item (its text)."""
+    from alm_kit.inference.engine import Request
+    from alm_kit.inference.likelihood import score_candidates
+
+    requests = [Request(audio=list(i.audio), prompt=prompts[i.index], id=i.id) for i in items]
+
+    def best(rows: list[int]) -> list[str]:
+        scores = score_candidates(model, [requests[i] for i in rows], [items[i].choices for i in rows], gen)
+        return [max(options, key=lambda s: s.logprob).text for options in scores]
+
+    return _each_alone_on_error(best, len(requests))
+
+
+def _each_alone_on_error(run, count: int) -> list[str | Exception]:
+    """``run`` over all rows; when the batch fails, each row alone (so one bad clip fails only itself)."""
     try:
-        return list(generate(model, requests, gen))
+        return list(run(list(range(count))))
     except AlmKitError as exc:
-        if len(requests) == 1:
+        if count == 1:
             return [exc]
     out: list[str | Exception] = []
-    for request in requests:
+    for i in range(count):
         try:
-            out.append(generate(model, [request], gen)[0])
+            out.append(run([i])[0])
         except AlmKitError as exc:
             out.append(exc)
     return out
@@ -137,19 +168,25 @@ def _ask_texts(model, gen: GenerationConfig, items: list[BenchItem], prompts: di
 def evaluate_benchmark(model, gen: GenerationConfig, benchmark: Benchmark | str | Path, *, fmt: str | None = None,
                        checkpoint: str = "", out_dir: str | Path | None = None, limit: int | None = None,
                        audio_root: str | Path | None = None, reuse: bool = True, progress: bool = True,
-                       plot: bool = False, ranks: Ranks | None = None) -> EvalResult:
+                       plot: bool = False, ranks: Ranks | None = None, method: str = "generate") -> EvalResult:
     """Answer, score and (with ``out_dir``) write: the annotated benchmark file, results.json, plots.
 
-    ``checkpoint`` identifies the weights in the cache key (:func:`checkpoint_fingerprint`).
-    ``ranks`` shares the items among torchrun's processes; every rank returns the same result.
+    ``checkpoint`` identifies the weights in the cache key (:func:`checkpoint_fingerprint`);
+    ``method`` is ``generate`` or ``likelihood`` (:data:`SCORING_METHODS`). ``ranks`` shares the
+    items among torchrun's processes; every rank returns the same result.
     """
+    if method not in SCORING_METHODS:
+        raise AlmKitError(f"unknown scoring method {method!r}; choose from {', '.join(SCORING_METHODS)}")
     ranks = ranks or Ranks()
     if not isinstance(benchmark, Benchmark):
         benchmark = read_benchmark(benchmark, fmt, audio_root=audio_root)
     items = benchmark.items[:limit] if limit else benchmark.items
     template = resolve_template(gen.mcq_template, model.config.layout.name)
     prompts = {item.index: mcq_prompt(template, item.question, item.choices) for item in items}
-    key = run_key(checkpoint, gen, template, str(model.device.type))
+    if not isinstance(template, str):
+        template = dataclasses.asdict(template)  # for the cache key and results.json
+    key = run_key(checkpoint, gen, template, str(model.device.type), method)
+    answer = _choose if method == "likelihood" else _ask
     out = Path(out_dir) if out_dir is not None else None
     cache_path = out / PREDICTIONS if out is not None else None
     if out is not None and ranks.is_main:
@@ -185,14 +222,14 @@ def evaluate_benchmark(model, gen: GenerationConfig, benchmark: Benchmark | str 
     try:
         for start in range(0, len(mine), gen.batch_size):
             chunk = mine[start : start + gen.batch_size]
-            for item, answer in zip(chunk, _ask(model, gen, chunk, prompts)):
-                if isinstance(answer, Exception):
-                    errors[item.index] = str(answer)
+            for item, prediction in zip(chunk, answer(model, gen, chunk, prompts)):
+                if isinstance(prediction, Exception):
+                    errors[item.index] = str(prediction)
                     continue
-                predictions[item.index] = answer
+                predictions[item.index] = prediction
                 if writer is not None:
                     writer.write(json.dumps({"run": key, "key": keys[item.index], "id": item.id,
-                                             "prediction": answer}, ensure_ascii=False) + "\n")
+                                             "prediction": prediction}, ensure_ascii=False) + "\n")
             if writer is not None:
                 writer.flush()
             bar.update(len(chunk))
@@ -216,14 +253,15 @@ def evaluate_benchmark(model, gen: GenerationConfig, benchmark: Benchmark | str 
                for item, bad in zip(items, failed_flags)]
     table = accuracy_table([item.groups for item in items], correct, failed_flags, benchmark.format.groups)
     failed = [{"id": item.id, "error": errors[item.index]} for item in items if item.index in errors]
-    title = f"{benchmark.format.name}: {benchmark.path.name} ({len(items)} items, {benchmark.format.scoring})"
+    how = benchmark.format.scoring if method == "generate" else f"most likely option, {benchmark.format.scoring}"
+    title = f"{benchmark.format.name}: {benchmark.path.name} ({len(items)} items, {how})"
     result = EvalResult(benchmark, items, table, format_table(table, title),
                         {item.index: predictions.get(item.index, "") for item in items}, correct, failed,
                         reused, key)
     if out is not None and ranks.is_main:
         result.files["predictions"] = write_annotated(
             benchmark, result.predictions, out / f"{benchmark.path.stem}.predictions{benchmark.path.suffix or '.json'}")
-        summary = result.summary() | {"checkpoint": checkpoint, "template": template,
+        summary = result.summary() | {"checkpoint": checkpoint, "template": template, "method": method,
                                       "generation": dataclasses.asdict(gen)}
         (out / RESULTS).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         result.files["results"] = out / RESULTS
@@ -234,6 +272,44 @@ def evaluate_benchmark(model, gen: GenerationConfig, benchmark: Benchmark | str 
             for path in plot_table(table, out / PLOTS, title):
                 result.files[f"plot:{path.stem}"] = path
     return result
+
+
+#: training prompts read to recover a template (enough to see the pattern, cheap on huge manifests)
+TEMPLATE_SAMPLE = 2000
+
+
+def template_from_manifest(recipe, manifest: str | Path | None = None) -> tuple[McqTemplate, str]:
+    """The multiple-choice template a training manifest's prompts follow (``alm-kit eval
+    --template-from-data``): ``manifest``, by default the recipe's ``data.train``. Returns the
+    template and the file it came from; AlmKitError when there is no manifest or no recognisable pattern."""
+    from alm_kit.data.manifest import read_manifest
+    from alm_kit.data.shards import shard_paths
+
+    source = str(manifest or recipe.data.train or "")
+    give = "give the training manifest: --template-from-data MANIFEST"
+    if not source:
+        raise AlmKitError(f"--template-from-data: the checkpoint's recipe names no data.train; {give}")
+    if not Path(source).is_file():
+        if manifest is None and _is_shards(source, shard_paths):
+            raise AlmKitError(f"--template-from-data: data.train is shards ({source}); {give} (JSONL)")
+        where = "" if manifest else " (data.train of the checkpoint's recipe, relative to the current folder)"
+        raise AlmKitError(f"--template-from-data: {source} not found{where}; {give}")
+    examples = read_manifest(source, recipe.data.format if manifest is None else "auto", require_response=False)
+    records = [(e.prompt, e.meta.get("choices") if isinstance(e.meta.get("choices"), list) else None)
+               for e in examples[:TEMPLATE_SAMPLE]]
+    template = template_from_prompts(records)
+    if template is None:
+        raise AlmKitError(f"--template-from-data: the prompts of {source} follow no multiple-choice pattern alm-kit "
+                          "recognises (the options labelled the same way, e.g. '(a) x (b) y' or 'A. x' per line, "
+                          "in at least 80% of the prompts that list options); pass --template")
+    return template, source
+
+
+def _is_shards(source: str, shard_paths) -> bool:
+    try:
+        return shard_paths(source) is not None
+    except AlmKitError:  # shards, some of them missing
+        return True
 
 
 def evaluate_file(model, path: str | Path, gen: GenerationConfig, *, limit: int | None = None,

@@ -11,6 +11,12 @@
 Audio may be a path, an :class:`~alm_kit.audio.io.AudioBlob` (encoded bytes), a
 ``(waveform, sample_rate)`` pair with a numpy array or a torch tensor, or a dict
 ``{"array": ..., "sampling_rate": ...}`` (the shape Hugging Face datasets use).
+
+What the model thinks, beside what it says (:mod:`alm_kit.inference.likelihood`)::
+
+    logits = alm.logits(["a.wav"], "how many beeps?")              # (prefix positions, vocab)
+    scores = alm.score(["a.wav"], "how many beeps?", ["two", "three"])
+    best = max(scores, key=lambda s: s.logprob).text
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 
 from alm_kit.config.schema import Recipe
 from alm_kit.inference.engine import Generation, GenerationError, InferenceEngine, Request
+from alm_kit.inference.likelihood import CandidateScore, prefix_logits, score_candidates
 from alm_kit.model import AudioLanguageModel
 
 
@@ -83,6 +90,22 @@ class ALM:
         if result.error:
             raise GenerationError(result.error)
         return result
+
+    def logits(self, audio: Any, prompt: str, **params: Any) -> torch.Tensor:
+        """The decoder's logits over the prefix generation would start from: the audio tokens and
+        the prompt as the recipe's layout places them, (positions, vocab) float32. The last row is
+        the distribution of the first answer token; ``params`` are generation keys (``thinking``)."""
+        return prefix_logits(self.model, as_request({"audio": audio, "prompt": prompt}), self.engine.params(**params))
+
+    def score(self, audio: Any, prompt: str, candidates: Sequence[str], **params: Any) -> list[CandidateScore]:
+        """The log-likelihood of each candidate answer (lm-eval-harness' multiple-choice scoring):
+        one :class:`~alm_kit.inference.likelihood.CandidateScore` per candidate, in order, with
+        ``logprob`` (summed over the answer's tokens as the layout trains them, end token included),
+        ``greedy``, ``token_ids`` and ``token_logprobs``. The highest ``logprob`` is the model's choice."""
+        if isinstance(candidates, str):
+            raise GenerationError("candidates must be a list of answers, not one string")
+        request = as_request({"audio": audio, "prompt": prompt})
+        return score_candidates(self.model, [request], [list(candidates)], self.engine.params(**params))[0]
 
     def generate_batch(self, examples: Sequence[Any], *, progress: bool = False, **params: Any) -> list[Generation]:
         """Answer many examples in batches; a bad example gets ``error`` set, the rest complete."""

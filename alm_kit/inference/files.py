@@ -46,6 +46,8 @@ class FileReport:
     output: Path
     #: rows of this input whose answer in the output is an error, this run's and earlier runs'
     failed_rows: int = 0
+    #: answered without an error but with an empty answer (the model ended first)
+    empty: int = 0
 
     def summary(self) -> str:
         text = (f"{self.output}: {self.answered} answered, {self.failed} failed, {self.skipped} already there "
@@ -99,7 +101,7 @@ def generate_file(engine: InferenceEngine, source: str | Path, output: str | Pat
                     meta=e.meta if e.response is None else {"response": e.response, **e.meta})
             for e in examples if e.id not in done]
     unreadable = [b for b in bad if b.id not in done] if ranks.is_main else []
-    failed = len(unreadable)
+    failed, empty = len(unreadable), 0
     sink_path = part_path(output, ranks.rank) if ranks.enabled else output
     with sink_path.open("a") as sink:
         def write(records: list[dict]) -> None:
@@ -107,21 +109,22 @@ def generate_file(engine: InferenceEngine, source: str | Path, output: str | Pat
             sink.flush()
 
         def write_batch(batch: list[Request], results: list[Generation]) -> None:
-            nonlocal failed
+            nonlocal failed, empty
             write([_record(request, result) for request, result in zip(batch, results)])
             failed += sum(result.error is not None for result in results)
+            empty += sum(result.error is None and not result.answer for result in results)
 
         write([_unreadable_record(b) for b in unreadable])
         mine = ranks.share(todo)
         engine.run(mine, params, progress=progress and ranks.is_main, on_batch=write_batch)
-    counts = ranks.gather((len(mine) + len(unreadable), failed))
-    asked, failed = (sum(c[i] for c in counts) for i in (0, 1))
+    counts = ranks.gather((len(mine) + len(unreadable), failed, empty))
+    asked, failed, empty = (sum(c[i] for c in counts) for i in (0, 1, 2))
     if ranks.is_main:
         merge_parts(output)
         in_input_order(output, order)
     ranks.barrier()
     return FileReport(total=len(order), skipped=len(order) - asked, answered=asked - failed, failed=failed,
-                      output=output, failed_rows=_failed_rows(output, set(order)))
+                      output=output, failed_rows=_failed_rows(output, set(order)), empty=empty)
 
 
 def _unreadable_record(bad: BadLine) -> dict:

@@ -8,6 +8,13 @@ by this class: convert them once with ``alm-kit import mellow v0.ckpt DIR`` and 
 
 Like the reference, decoding is greedy whatever ``top_p`` and ``temperature`` say (the
 reference builds a top-p mask, then takes the argmax); pass ``sample=True`` to really sample.
+The answers are the reference's strings too: the generated tokens decoded as they are (special
+tokens kept) and cut at ``stop_token``, without stripping: Mellow's answers usually begin with a
+space, and end with the space the training suffix ``" <|endoftext|>"`` puts before the end token.
+
+The wrapper takes the checkpoint's recipe as it is: to feed the model the reference wrapper's inputs
+(no lower-casing, no prompt suffix, repeat-padded short clips), import with those overrides
+(docs/inference.md, "Mellow users").
 """
 
 from __future__ import annotations
@@ -60,4 +67,5 @@ class MellowWrapper:
         for result in results:
             if result.error:
                 raise GenerationError(result.error)
-        return [r.text for r in results]
+        # the reference: tokenizer.decode(tokens).split(stop_token)[0]; the engine's text is stripped
+        return [tokenizer.decode(r.tokens).split(stop_token)[0] for r in results]

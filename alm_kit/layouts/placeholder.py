@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alm_kit.interfaces import AudioTokens, Decoder, DecoderInputs, Layout, TextInputs
-from alm_kit.nn.sequence import TextEmbedder, audio_pieces, clip_rows, make_boundaries, stack
+from alm_kit.nn.sequence import TextEmbedder, audio_pieces, clip_rows, make_boundaries, stack, vocab_token_id
 
 #: markers in prompt ids (never real token ids): one clip here / all of the example's clips here
 ONE_CLIP, ALL_CLIPS = -1, -2
@@ -53,10 +53,7 @@ class PlaceholderLayout(Layout):
         name = self.config.end_token
         if name is None:
             name = "<|im_end|>" if "<|im_end|>" in tok.get_vocab() else tok.eos_token
-        ids = tok.convert_tokens_to_ids([name])
-        if not ids or ids[0] is None or ids[0] == tok.unk_token_id:
-            raise ValueError(f"end_token {name!r} is not a token of this tokenizer")
-        return ids[0]
+        return vocab_token_id(tok, name)
 
     def render(self, prompt: str, thinking: bool | None = None) -> str:
         cfg = self.config

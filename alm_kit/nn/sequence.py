@@ -54,6 +54,15 @@ class TextEmbedder:
                      n_labels=len(ids) if loss else 0)
 
 
+def vocab_token_id(tokenizer, token: str, key: str = "end_token") -> int:
+    """The id of ``token`` as one entry of the tokenizer's vocabulary (``<|im_end|>``, ``<|endoftext|>``);
+    ValueError naming ``key`` when the tokenizer does not have it."""
+    ids = tokenizer.convert_tokens_to_ids([token])
+    if not ids or ids[0] is None or (ids[0] == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        raise ValueError(f"{key} {token!r} is not a token of this tokenizer")
+    return ids[0]
+
+
 def audio_piece(embeds: Tensor, mask: Tensor) -> Piece:
     return Piece(embeds, mask, torch.full((len(embeds),), IGNORE, dtype=torch.long, device=embeds.device))
 

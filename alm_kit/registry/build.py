@@ -9,6 +9,7 @@ import zlib
 from typing import TYPE_CHECKING, Any, Protocol
 
 from alm_kit.config.parse import ConfigError, parse_dataclass
+from alm_kit.errors import AlmKitError
 from alm_kit.registry.manager import (
     ComponentLoadError,
     DuplicateComponentError,
@@ -55,4 +56,10 @@ def build_component(kind: str, spec: ComponentSpec, key: str, *args: Any, regist
     cls, config = resolve_component(kind, spec, key, registry=registry, origin=origin)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
-        return cls(config, *args)
+        try:
+            return cls(config, *args)
+        except AlmKitError:
+            raise
+        except ValueError as exc:  # a setting the Config alone cannot check (a token the tokenizer lacks)
+            where = f"{key}.params"
+            raise ConfigError(str(exc), key=where, source=(origin or (lambda _k: None))(where)) from exc
