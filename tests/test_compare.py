@@ -167,7 +167,7 @@ def test_interval_of_a_model_answering_at_random_covers_chance():
 def test_two_identical_models_are_never_significantly_different():
     rng = np.random.default_rng(1)
     for trial in range(20):
-        matrix = (rng.random((3, 200)) < rng.uniform(0.2, 0.9)).astype(float)
+        matrix = (rng.random((1 + trial % 3, 200)) < rng.uniform(0.2, 0.9)).astype(float)  # 1 to 3 seeds
         assert paired_bootstrap_p(matrix, matrix.copy(), seed=trial) >= 0.05
         cells = comparison({"a": matrix, "b": matrix.copy()}).cells
         assert not any(cell.significant or cell.best for model in cells.values() for cell in model.values())
@@ -184,7 +184,7 @@ def test_a_model_always_right_is_better_than_one_at_chance():
     assert "↓" in format_markdown(result)
 
 
-def test_statistics_are_deterministic_and_paired():
+def test_statistics_are_deterministic_and_count_the_spread_of_seeds():
     rng = np.random.default_rng(3)
     a, b = guessing(rng, chance=0.6), guessing(rng, chance=0.5)
     assert bootstrap_interval(a, seed=7) == bootstrap_interval(a, seed=7)
@@ -192,7 +192,14 @@ def test_statistics_are_deterministic_and_paired():
     # one item set, many seeds that agree: the seeds add no spread, so the interval is that of the items alone
     agreeing = np.repeat(a[:1], 3, axis=0)
     assert bootstrap_interval(agreeing) == bootstrap_interval(a[:1])
-    # paired: B is A with 5% of the items flipped to wrong; unpaired intervals overlap, the paired test sees it
+    # seeds that disagree: resampling the items alone would give a zero-width interval around 1/3
+    disagreeing = bootstrap_interval(np.stack([np.ones(400), np.zeros(400), np.zeros(400)]))
+    assert disagreeing.low < 0.1 and disagreeing.high > 0.6
+
+
+def test_the_paired_test_sees_a_difference_that_overlapping_intervals_hide():
+    rng = np.random.default_rng(4)
+    # B is A with 60 of its 2000 answers (3%) turned wrong: the intervals overlap, the paired test sees it
     one = guessing(rng, seeds=1, items=2000, chance=0.6)
     worse = one.copy()
     worse[0, np.flatnonzero(one[0])[:60]] = 0
