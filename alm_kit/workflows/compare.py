@@ -1,9 +1,11 @@
 """``alm-kit compare``: train (or load) several models and score them on one multiple-choice test.
 
-Each source is a recipe file (trained here, into ``OUT/runs/<name>``) or an existing run folder /
-checkpoint (loaded as it is). Every model is evaluated on the same MMAU-format file, and the
-results go to ``OUT/compare.md`` (also printed), ``OUT/compare.csv`` and ``OUT/compare.png``
-(loss curves and accuracy against trainable parameters; needs matplotlib, the ``plot`` extra).
+Each source is a recipe file (trained here ``seeds`` times, into ``OUT/runs/<name>/seed-<seed>``)
+or an existing run folder / checkpoint (loaded as it is). Every model is evaluated on the same
+MMAU-format file, and the results go to ``OUT/compare.md`` (also printed: mean and 95% interval
+over test items and seeds, and which differences from the best are significant; the statistics
+are in ``alm_kit/evaluation/statistics.py``), ``OUT/compare.csv`` (every per-seed figure),
+``OUT/compare_summary.csv`` and ``OUT/compare.png`` (``compare_plot.py``; needs matplotlib).
 
 Measured per model:
 
@@ -11,11 +13,12 @@ Measured per model:
 * audio tokens per clip: valid projector outputs per clip, averaged over the first test items'
   clips (without the layouts' optional boundary vectors);
 * training samples/s: the run's last ``samples_per_s`` in ``metrics.jsonl`` (training steps only:
-  feature caching and evaluation excluded);
-* peak memory during training: on CUDA the peak allocated by torch, elsewhere the process's
-  peak resident set (Linux ``VmHWM``, reset before each run; empty where it cannot be reset);
-  empty for loaded runs;
-* accuracy overall and per group of the test file (MMAU ``task``, ``sub-category``, ...).
+  feature caching and evaluation excluded), per seed;
+* peak memory during training (and the evaluation after it): on CUDA the peak allocated by torch,
+  elsewhere the process's peak resident set (Linux ``VmHWM``, reset before each run; empty where
+  it cannot be reset); empty for loaded runs;
+* accuracy overall and per group of the test file (MMAU ``task``, ``sub-category``, ...), per seed
+  and per item: the table's intervals and tests need every answer, not only the per-seed means.
 """
 
 from __future__ import annotations
@@ -242,6 +245,21 @@ def _chance(items) -> float:
     return sum(1 / len(i.choices) for i in items if i.choices) / max(len(items), 1)
 
 
+def _train(recipe, name: str, seed: int, run_dir: Path, progress: bool):
+    """Train one seed; the trainer scores ``data.eval`` (the shared test file) after training.
+
+    Returns (model, checkpoint, evaluation, peak memory)."""
+    from alm_kit.training.engine import Trainer
+
+    trainer = Trainer(recipe, progress=progress, run_dir=run_dir)
+    with PeakMemory(trainer.device) as memory:
+        trained = trainer.fit()
+    if getattr(trained, "interrupted", False):
+        raise AlmKitError(f"compare: training {name} (seed {seed}) was interrupted (its checkpoint is in {run_dir}); "
+                          "stopped before the remaining runs")
+    return trainer.model, Path(trained.checkpoint), trained.evaluation, memory
+
+
 def compare(sources: list[str | Path], eval_file: str | Path | None = None, *, steps: int | None = None,
             seeds: int = 1, out_dir: str | Path = "runs/compare", overrides: list[str] = (),
             limit: int | None = None, progress: bool = True, plot: bool = True) -> Comparison:
@@ -257,7 +275,6 @@ def compare(sources: list[str | Path], eval_file: str | Path | None = None, *, s
     from alm_kit.config.loader import load_recipe
     from alm_kit.evaluation.formats import read_benchmark
     from alm_kit.evaluation.runner import evaluate_file
-    from alm_kit.training.engine import Trainer
 
     if not sources:
         raise AlmKitError("compare: name at least one recipe or run folder")
@@ -265,13 +282,14 @@ def compare(sources: list[str | Path], eval_file: str | Path | None = None, *, s
         raise AlmKitError(f"compare: --seeds must be at least 1, got {seeds}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    extra = list(overrides) + ([f"training.max_steps={steps}"] if steps else [])
     results: list[CompareResult] = []
     taken: set[str] = set()
     items = None
     for source in map(Path, sources):
         if not source.exists():
             raise AlmKitError(f"compare: {source} not found (give recipe files or run folders / checkpoints)")
-        extra = list(overrides) + ([f"training.max_steps={steps}"] if steps else [])
+        name = None
         if source.is_file():
             recipe = load_recipe(source, extra)
             eval_file = eval_file or recipe.data.eval
@@ -283,22 +301,15 @@ def compare(sources: list[str | Path], eval_file: str | Path | None = None, *, s
             plan = [(recipe.training.seed + k, None) for k in range(seeds)]
         else:
             plan = [(None, folder) for folder in _seed_folders(source)]
-            name = None
         runs: list[SeedRun] = []
         sizes = None
         for seed, folder in plan:
-            if folder is None:  # train: the trainer scores the shared test file (and, with eval_every, during training)
+            if folder is None:  # with eval_every, the trainer also scores the test file during training
                 recipe = load_recipe(source, extra + [
                     f"training.seed={seed}", f"data.eval={json.dumps(str(Path(eval_file).resolve()))}",
                     f"data.max_eval_examples={limit or 'null'}"])
                 run_dir = out_dir / "runs" / name / f"seed-{seed}"
-                trainer = Trainer(recipe, progress=progress, run_dir=run_dir)
-                with PeakMemory(trainer.device) as memory:
-                    trained = trainer.fit()
-                if getattr(trained, "interrupted", False):
-                    raise AlmKitError(f"compare: training {name} (seed {seed}) was interrupted (its checkpoint is "
-                                      f"in {run_dir}); stopped before the remaining runs")
-                model, checkpoint, evaluation = trainer.model, Path(trained.checkpoint), trained.evaluation
+                model, checkpoint, evaluation, memory = _train(recipe, name, seed, run_dir, progress)
             else:
                 checkpoint = resolve_checkpoint(folder)
                 model, recipe = load_checkpoint(checkpoint)
@@ -320,12 +331,13 @@ def compare(sources: list[str | Path], eval_file: str | Path | None = None, *, s
                 memory_kind=memory.kind if memory else None, losses=losses, eval_accuracy=evals))
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "compare_eval.json").write_text(json.dumps(evaluation, indent=2))
-            del model
-            trainer = None  # the next run's peak memory must not include this model
+            del model  # the next run's peak memory must not include this model
             gc.collect()
         results.append(CompareResult(name=name, source=str(source), params_trainable=sizes[0],
                                      params_total=sizes[1], audio_tokens_per_clip=sizes[2], runs=runs))
     scored = items[: len(results[0].runs[0].correct)]
+    if any(len(run.correct) != len(scored) for r in results for run in r.runs):
+        raise AlmKitError("compare: the models were scored on different numbers of items")  # a paired test needs the same
     comparison = Comparison(results, [i.groups for i in scored], _chance(scored), Path(eval_file))
     write_outputs(comparison, out_dir, plot=plot)
     return comparison
