@@ -57,7 +57,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     comparison = compare(args.sources, args.eval, steps=args.steps, seeds=args.seeds, out_dir=args.out,
                          overrides=args.set, limit=args.limit, progress=not args.quiet)
     print(format_markdown(comparison))
-    written = ", ".join(str(p) for p in sorted(Path(args.out).glob("compare.*")))
+    written = ", ".join(str(p) for p in sorted(Path(args.out).glob("compare*.*")))
     print(f"\nwrote {written}")
     return 0
 

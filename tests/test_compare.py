@@ -219,3 +219,11 @@ def test_markdown_marks_the_best_and_the_significant():
     assert "| y | 10 / 20 | 12.5 | — | — | **100.0%** (100.0–100.0) | best | **100.0%** (100.0–100.0) |" in text
     assert "| x | 10 / 20 | 12.5 | — | — | 0.0% (0.0–0.0) ↓ | <0.001 |" in text
     assert "**" not in format_markdown(comparison({"x": x, "y": x.copy()}, groups)).split("\n", 1)[1]
+
+
+def test_models_of_equal_size_are_drawn_side_by_side():
+    from alm_kit.workflows.compare_plot import dodge
+
+    moved = dodge([1.59e6, 1.60e6, 1.1e6], 0.9e6, 1.8e6, log=False)
+    assert moved[2] == 1.1e6  # far from the others: where it is
+    assert moved[1] - moved[0] >= 0.025 * 0.9e6 * 0.999 and (moved[0] + moved[1]) / 2 == pytest.approx(1.595e6)

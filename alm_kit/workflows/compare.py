@@ -364,7 +364,9 @@ def group_columns(item_groups: list[dict[str, str]]) -> list[Column]:
 
 
 def _column_label(column: Column, columns: list[Column]) -> str:
-    return column.name if sum(c.name == column.name for c in columns) == 1 else f"{column.key}: {column.name}"
+    """The group's name alone for the first grouping field (the tasks), ``key: name`` for the others."""
+    first = next((c.key for c in columns if c.key is not None), None)
+    return column.name if column.key == first else f"{column.key}: {column.name}"
 
 
 def table_rows(comparison: Comparison) -> tuple[list[str], list[list[Any]]]:

@@ -78,31 +78,54 @@ def _parameter_count(value: float, _position=None) -> str:
     return f"{value / 1e6:g}M" if abs(value) >= 1e5 else f"{value / 1e3:g}k" if abs(value) >= 1e3 else f"{value:g}"
 
 
+def dodge(values: list[float], low: float, high: float, *, log: bool, gap: float = 0.025) -> list[float]:
+    """``values`` moved apart to at least ``gap`` of the axis [low, high] (a run of close values is
+    spread evenly around its centre), so that models of (nearly) the same size stand side by side."""
+    forward, back = (np.log10, lambda v: 10**v) if log else (lambda v: v, lambda v: v)
+    origin, width = forward(low), forward(high) - forward(low)
+    where = (forward(np.asarray(values, dtype=float)) - origin) / width
+    order = np.argsort(where, kind="stable")
+    clusters = [[order[0]]]
+    for i in order[1:]:
+        if where[i] - where[clusters[-1][-1]] < gap:
+            clusters[-1].append(i)
+        else:
+            clusters.append([i])
+    moved = where.copy()
+    for cluster in clusters:
+        centre = where[cluster].mean()
+        for k, i in enumerate(cluster):
+            moved[i] = centre + (k - (len(cluster) - 1) / 2) * gap
+    return [float(back(origin + m * width)) for m in moved]
+
+
 def _accuracy_panel(ax, comparison: Comparison, colors: list) -> tuple[list, list[str], list]:
     overall = comparison.columns[0]
+    counts = [r.params_trainable for r in comparison.results]
+    low, high = min(counts), max(counts)
+    log = low > 0 and high / low > 10
+    if log:
+        ax.set_xscale("log")
+        ax.set_xlim(low / 2, high * 2)
+    else:
+        margin = (high - low) * 0.35 or max(high * 0.1, 1)
+        ax.set_xlim(low - margin, high + margin)
+    xs = dodge(counts, *ax.get_xlim(), log=log)
     points, labels, bars = [], [], []
-    for r, color in zip(comparison.results, colors):
+    for r, color, x in zip(comparison.results, colors, xs):
         i = comparison.cells[r.name][overall].interval
         y = 100 * i.mean
         bars.append((100 * i.low, 100 * i.high))
-        ax.errorbar(r.params_trainable, y, yerr=[[y - 100 * i.low], [100 * i.high - y]], fmt="o", color=color,
+        ax.errorbar(x, y, yerr=[[y - 100 * i.low], [100 * i.high - y]], fmt="o", color=color,
                     capsize=4, markersize=6, elinewidth=1.4)
-        points.append((r.params_trainable, y))
+        points.append((x, y))
         labels.append(r.name)
-    counts = [r.params_trainable for r in comparison.results]
-    if min(counts) > 0 and max(counts) / min(counts) > 10:
-        ax.set_xscale("log")
     ax.axhline(100 * comparison.chance, color="0.4", linestyle="--", linewidth=1)
     ax.text(0.01, 100 * comparison.chance, " chance", transform=ax.get_yaxis_transform(), va="bottom",
             fontsize=8, color="0.3")
-    highs = [100 * comparison.cells[r.name][overall].interval.high for r in comparison.results]
-    ax.set_ylim(0, min(100, max(highs) * 1.15 + 5))
-    low, high = min(counts), max(counts)
-    margin = (high - low) * 0.35 or max(high * 0.1, 1)
-    if ax.get_xscale() == "linear":
-        ax.set_xlim(low - margin, high + margin)
+    ax.set_ylim(0, min(100, max(b for _, b in bars) * 1.15 + 5))
     seeds = comparison.seeds
-    ax.set(xlabel="trainable parameters", ylabel="accuracy (%)",
+    ax.set(xlabel="trainable parameters (models of nearly equal size set side by side)", ylabel="accuracy (%)",
            title=f"Accuracy vs. trainable parameters (95% CI, {seeds} seed{'s' * (seeds > 1)})")
     ax.xaxis.set_major_formatter(_parameter_count)
     ax.grid(True, alpha=0.3)
