@@ -48,7 +48,7 @@ def compared(tmp_path_factory):
         recipes.append(path)
     out = root / "out"
     code = main(["compare", *map(str, recipes), "--eval", str(root / "test.json"), "--steps", "2", "--seeds", "2",
-                 "--out", str(out), "--quiet"])
+                 "--set", "training.eval_every=1", "--out", str(out), "--quiet"])
     assert code == 0
     return root, recipes, out
 
@@ -88,9 +88,11 @@ def test_compare_writes_table_csv_and_plot(compared, capsys):
             evaluation["table"]["sub-category"]["tone"]["accuracy"])
         metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert [m["step"] for m in metrics if "loss" in m] == [1, 2]  # --steps 2 reached every run
+        assert [m["step"] for m in metrics if "eval_accuracy" in m] == [1, 2]  # the test file, during training
     for name in PROJECTORS:  # the two seeds are two trainings, not one run counted twice
-        losses = [[json.loads(x)["loss"] for x in (out / "runs" / name / f"seed-{s}" / "metrics.jsonl").read_text()
-                   .splitlines()] for s in (0, 1)]
+        records = [[json.loads(x) for x in (out / "runs" / name / f"seed-{s}" / "metrics.jsonl").read_text()
+                    .splitlines()] for s in (0, 1)]
+        losses = [[r["loss"] for r in seed if "loss" in r] for seed in records]
         assert losses[0] != losses[1]
     if Path("/proc/self/clear_refs").exists():
         assert all(float(r["peak_memory_mib"]) > 0 and r["memory_kind"] == "process RSS" for r in rows)
