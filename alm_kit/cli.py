@@ -62,10 +62,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from alm_kit.workflows.compare import compare, format_markdown
 
-    results = compare(args.sources, args.eval, steps=args.steps, out_dir=args.out, overrides=args.set,
-                      limit=args.limit, progress=not args.quiet)
-    print(format_markdown(results, args.eval or None))
-    written = ", ".join(str(p) for p in sorted(Path(args.out).glob("compare.*")))
+    comparison = compare(args.sources, args.eval, steps=args.steps, seeds=args.seeds, out_dir=args.out,
+                         overrides=args.set, limit=args.limit, progress=not args.quiet)
+    print(format_markdown(comparison))
+    written = ", ".join(str(p) for p in sorted(Path(args.out).glob("compare*.*")))
     print(f"\nwrote {written}")
     return 0
 
@@ -390,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recipe files (trained here) or run folders / checkpoints (used as they are)")
     p.add_argument("--eval", help="MMAU-format test file (default: the first recipe's data.eval)")
     p.add_argument("--steps", type=int, help="training steps for every recipe (training.max_steps)")
+    p.add_argument("--seeds", type=int, default=1, metavar="K",
+                   help="train every recipe K times (training.seed, +1, ...; OUT/runs/NAME/seed-N): the table "
+                        "gives mean and 95%% interval over test items and seeds (default: 1)")
     p.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override applied to every recipe (repeatable)")

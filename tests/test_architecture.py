@@ -14,9 +14,15 @@ COMPONENT_ROOMS = ("encoders", "fusion", "projectors", "layouts", "decoders")
 
 
 def imports_of(path: Path) -> set[str]:
-    """Every alm_kit module a file imports, at the top or inside functions."""
+    """Every alm_kit module a file imports, at the top or inside functions (not for type checking only)."""
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and getattr(block.test, "id", getattr(block.test, "attr", None)) == "TYPE_CHECKING"
+                   for n in ast.walk(block)}
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
             found.update(n for n in names if n.startswith("alm_kit"))

@@ -1,9 +1,11 @@
 """``alm-kit compare``: train (or load) several models and score them on one multiple-choice test.
 
-Each source is a recipe file (trained here, into ``OUT/runs/<name>``) or an existing run folder /
-checkpoint (loaded as it is). Every model is evaluated on the same MMAU-format file, and the
-results go to ``OUT/compare.md`` (also printed), ``OUT/compare.csv`` and ``OUT/compare.png``
-(loss curves and accuracy against trainable parameters; needs matplotlib, the ``plot`` extra).
+Each source is a recipe file (trained here ``seeds`` times, into ``OUT/runs/<name>/seed-<seed>``)
+or an existing run folder / checkpoint (loaded as it is). Every model is evaluated on the same
+MMAU-format file, and the results go to ``OUT/compare.md`` (also printed: mean and 95% interval
+over test items and seeds, and which differences from the best are significant; the statistics
+are in ``alm_kit/evaluation/statistics.py``), ``OUT/compare.csv`` (every per-seed figure),
+``OUT/compare_summary.csv`` and ``OUT/compare.png`` (``compare_plot.py``; needs matplotlib).
 
 Measured per model:
 
@@ -11,11 +13,12 @@ Measured per model:
 * audio tokens per clip: valid projector outputs per clip, averaged over the first test items'
   clips (without the layouts' optional boundary vectors);
 * training samples/s: the run's last ``samples_per_s`` in ``metrics.jsonl`` (training steps only:
-  feature caching and evaluation excluded);
-* peak memory during training: on CUDA the peak allocated by torch, elsewhere the process's
-  peak resident set (Linux ``VmHWM``, reset before each run; empty where it cannot be reset);
-  empty for loaded runs;
-* accuracy overall and per group of the test file (MMAU ``task``, ``sub-category``, ...).
+  feature caching and evaluation excluded), per seed;
+* peak memory during training (and the evaluation after it): on CUDA the peak allocated by torch,
+  elsewhere the process's peak resident set (Linux ``VmHWM``, reset before each run; empty where
+  it cannot be reset); empty for loaded runs;
+* accuracy overall and per group of the test file (MMAU ``task``, ``sub-category``, ...), per seed
+  and per item: the table's intervals and tests need every answer, not only the per-seed means.
 """
 
 from __future__ import annotations
@@ -29,32 +32,111 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from alm_kit.errors import AlmKitError
+from alm_kit.evaluation.statistics import ALPHA, Interval, bootstrap_interval, paired_bootstrap_p
 
 GROUP_KEYS = ("task", "category", "sub-category", "difficulty")
 
 
 @dataclass
-class CompareResult:
-    """One compared model."""
+class SeedRun:
+    """One trained (or loaded) model of a compared entry: one training seed."""
 
-    name: str
-    source: str
+    seed: int | None
     checkpoint: Path
-    params_trainable: int
-    params_total: int
-    audio_tokens_per_clip: float
-    accuracy: float
-    #: group key -> group name -> accuracy
-    groups: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: per scored test item, in file order
+    correct: list[bool]
     samples_per_s: float | None = None
     #: MiB; what was measured is in ``memory_kind`` ("cuda allocated" / "process RSS")
     peak_memory_mib: float | None = None
     memory_kind: str | None = None
     #: (step, loss) of every training step
     losses: list[tuple[int, float]] = field(default_factory=list)
+    #: (step, accuracy) of the periodic evaluations (training.eval_every)
+    eval_accuracy: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class CompareResult:
+    """One compared model: its size and one run per seed."""
+
+    name: str
+    source: str
+    params_trainable: int
+    params_total: int
+    audio_tokens_per_clip: float
+    runs: list[SeedRun]
+
+    def correct(self, mask: np.ndarray | None = None) -> np.ndarray:
+        """(seeds, items) 0/1 matrix, the items restricted to ``mask``."""
+        matrix = np.array([run.correct for run in self.runs], dtype=float)
+        return matrix if mask is None else matrix[:, mask]
+
+    def mean_of(self, name: str) -> float | None:
+        """Mean over the seeds that measured ``name`` (samples_per_s, peak_memory_mib)."""
+        values = [getattr(run, name) for run in self.runs if getattr(run, name) is not None]
+        return sum(values) / len(values) if values else None
+
+
+@dataclass(frozen=True)
+class Column:
+    """An accuracy column: all items, or the items of one group (``key`` = ``name``)."""
+
+    key: str | None
+    name: str
+    mask: np.ndarray = field(compare=False, repr=False)
+
+    @property
+    def csv_name(self) -> str:
+        return "accuracy" if self.key is None else f"accuracy[{self.key}={self.name}]"
+
+
+@dataclass
+class Cell:
+    """A model's accuracy in one column: mean, interval and its difference from the column's best."""
+
+    interval: Interval
+    best: bool
+    #: paired bootstrap p-value against the column's best model (None for the best itself)
+    p_vs_best: float | None
+
+    @property
+    def significant(self) -> bool:
+        return self.p_vs_best is not None and self.p_vs_best < ALPHA
+
+
+@dataclass
+class Comparison:
+    """Every compared model on one test file, with the statistics the table shows."""
+
+    results: list[CompareResult]
+    #: grouping fields (task, sub-category, ...) of every scored item
+    item_groups: list[dict[str, str]]
+    #: expected accuracy of uniform guessing: mean of 1 / number of choices
+    chance: float
+    eval_file: Path | None = None
+    columns: list[Column] = field(init=False)
+    #: model name -> column -> cell
+    cells: dict[str, dict[Column, Cell]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.columns = group_columns(self.item_groups)
+        self.cells = {r.name: {} for r in self.results}
+        for column in self.columns:
+            matrices = {r.name: r.correct(column.mask) for r in self.results}
+            intervals = {name: bootstrap_interval(m) for name, m in matrices.items()}
+            best = max(intervals, key=lambda name: intervals[name].mean)
+            tied = len({i.mean for i in intervals.values()}) == 1
+            for name, matrix in matrices.items():
+                p = None if name == best else paired_bootstrap_p(matrices[best], matrix)
+                self.cells[name][column] = Cell(intervals[name], best=name == best and not tied, p_vs_best=p)
+
+    @property
+    def seeds(self) -> int:
+        return max(len(r.runs) for r in self.results)
 
 
 # --------------------------------------------------------------------------- measurements
@@ -121,14 +203,15 @@ def audio_tokens_per_clip(model, items, max_items: int = 8) -> float:
     return float(tokens.mask.sum(1).float().mean())
 
 
-def _training_curve(run_dir: Path | None) -> tuple[list[tuple[int, float]], float | None]:
-    """(step, loss) records and the last samples/s of a run folder's metrics.jsonl."""
+def _training_curve(run_dir: Path | None) -> tuple[list[tuple[int, float]], list[tuple[int, float]], float | None]:
+    """(step, loss) and (step, held-out accuracy) records and the last samples/s of a run's metrics.jsonl."""
     if run_dir is None or not (run_dir / "metrics.jsonl").exists():
-        return [], None
+        return [], [], None
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [r for r in records if "loss" in r and "step" in r]
     speed = next((r["samples_per_s"] for r in reversed(train) if r.get("samples_per_s") is not None), None)
-    return [(int(r["step"]), float(r["loss"])) for r in train], speed
+    evals = [(int(r["step"]), float(r["eval_accuracy"])) for r in records if "eval_accuracy" in r]
+    return [(int(r["step"]), float(r["loss"])) for r in train], evals, speed
 
 
 def _run_dir_of(checkpoint: Path) -> Path | None:
@@ -139,8 +222,14 @@ def _run_dir_of(checkpoint: Path) -> Path | None:
     return None
 
 
-def _groups(table: dict[str, Any]) -> dict[str, dict[str, float]]:
-    return {key: {name: row["accuracy"] for name, row in table[key].items()} for key in GROUP_KEYS if key in table}
+def _seed_folders(source: Path) -> list[Path]:
+    """The runs of one compared model: ``source`` itself, or its ``seed-N`` folders (compare's own layout)."""
+    from alm_kit.checkpoint import WEIGHTS, resolve_checkpoint
+
+    if (resolve_checkpoint(source) / WEIGHTS).exists():
+        return [source]
+    folders = sorted((p for p in source.glob("seed-*") if p.is_dir()), key=lambda p: (len(p.name), p.name))
+    return folders or [source]  # not a checkpoint: load_checkpoint names what is missing
 
 
 # --------------------------------------------------------------------------- one source
@@ -152,108 +241,157 @@ def _unique_name(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def compare(sources: list[str | Path], eval_file: str | Path | None = None, *, steps: int | None = None,
-            out_dir: str | Path = "runs/compare", overrides: list[str] = (), limit: int | None = None,
-            progress: bool = True, plot: bool = True) -> list[CompareResult]:
-    """Train or load every source, evaluate each on ``eval_file``, write the table, CSV and plot to ``out_dir``.
+def _chance(items) -> float:
+    return sum(1 / len(i.choices) for i in items if i.choices) / max(len(items), 1)
 
-    ``eval_file`` defaults to the first recipe's ``data.eval``. ``steps`` and ``overrides``
-    (``key.path=value``) apply to every recipe; loaded runs are used as they are.
+
+def _train(recipe, name: str, seed: int, run_dir: Path, progress: bool):
+    """Train one seed; the trainer scores ``data.eval`` (the shared test file) after training.
+
+    Returns (model, checkpoint, evaluation, peak memory)."""
+    from alm_kit.training.engine import Trainer
+
+    trainer = Trainer(recipe, progress=progress, run_dir=run_dir)
+    with PeakMemory(trainer.device) as memory:
+        trained = trainer.fit()
+    if getattr(trained, "interrupted", False):
+        raise AlmKitError(f"compare: training {name} (seed {seed}) was interrupted (its checkpoint is in {run_dir}); "
+                          "stopped before the remaining runs")
+    return trainer.model, Path(trained.checkpoint), trained.evaluation, memory
+
+
+def compare(sources: list[str | Path], eval_file: str | Path | None = None, *, steps: int | None = None,
+            seeds: int = 1, out_dir: str | Path = "runs/compare", overrides: list[str] = (),
+            limit: int | None = None, progress: bool = True, plot: bool = True) -> Comparison:
+    """Train or load every source, evaluate each on ``eval_file``, write the table, CSVs and plot to ``out_dir``.
+
+    A recipe is trained ``seeds`` times, with ``training.seed`` = its seed, its seed + 1, ...,
+    into ``OUT/runs/<name>/seed-<seed>``. A run folder (or checkpoint) is used as it is; a folder of
+    ``seed-N`` runs (compare's own ``OUT/runs/<name>``) counts as one model with those seeds.
+    ``eval_file`` defaults to the first recipe's ``data.eval``; ``steps`` and ``overrides``
+    (``key.path=value``) apply to every recipe.
     """
     from alm_kit.checkpoint import load_checkpoint, resolve_checkpoint
     from alm_kit.config.loader import load_recipe
     from alm_kit.evaluation.formats import read_benchmark
     from alm_kit.evaluation.runner import evaluate_file
-    from alm_kit.training.engine import Trainer
 
     if not sources:
         raise AlmKitError("compare: name at least one recipe or run folder")
+    if seeds < 1:
+        raise AlmKitError(f"compare: --seeds must be at least 1, got {seeds}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    extra = list(overrides) + ([f"training.max_steps={steps}"] if steps else [])
     results: list[CompareResult] = []
     taken: set[str] = set()
+    items = None
     for source in map(Path, sources):
         if not source.exists():
             raise AlmKitError(f"compare: {source} not found (give recipe files or run folders / checkpoints)")
-        if source.is_dir():  # a run folder or a checkpoint
-            checkpoint = resolve_checkpoint(source)
-            model, recipe = load_checkpoint(checkpoint)
-            name = _unique_name(recipe.name, taken)
-            losses, speed = _training_curve(_run_dir_of(checkpoint))
-            memory = None
-        else:
-            extra = list(overrides) + ([f"training.max_steps={steps}"] if steps else [])
+        name = None
+        if source.is_file():
             recipe = load_recipe(source, extra)
-            if eval_file is None and recipe.data.eval:
-                eval_file = recipe.data.eval
-            recipe = load_recipe(source, extra + ["data.eval=null"])  # evaluated below, on the shared file
+            eval_file = eval_file or recipe.data.eval
+            if eval_file is None:
+                raise AlmKitError(f"compare: {source} has no data.eval: pass --eval TEST_FILE (MMAU format)")
             name = _unique_name(recipe.name, taken)
-            run_dir = out_dir / "runs" / name
-            if run_dir.exists():
-                shutil.rmtree(run_dir)  # compare owns OUT/runs: every call trains afresh
-            trainer = Trainer(recipe, progress=progress, run_dir=run_dir)
-            with PeakMemory(trainer.device) as memory:
-                result = trainer.fit()
-            if getattr(result, "interrupted", False):
-                raise AlmKitError(f"compare: training {name} was interrupted (its checkpoint is in {run_dir}); "
-                                  "stopped before the remaining models")
-            model, checkpoint = trainer.model, Path(result.checkpoint)
-            losses, speed = _training_curve(run_dir)
-        if eval_file is None:
-            raise AlmKitError("compare: no test file: pass --eval TEST_FILE (MMAU format)")
-        eval_file = Path(eval_file)
-        items = read_benchmark(eval_file).items
-        evaluation = evaluate_file(model, eval_file, recipe.generation, limit=limit, progress=progress)
-        trainable, total = parameter_counts(model)
-        results.append(CompareResult(
-            name=name, source=str(source), checkpoint=checkpoint, params_trainable=trainable, params_total=total,
-            audio_tokens_per_clip=audio_tokens_per_clip(model, items),
-            accuracy=evaluation["table"]["overall"]["accuracy"], groups=_groups(evaluation["table"]),
-            samples_per_s=speed, peak_memory_mib=memory.mib if memory else None,
-            memory_kind=memory.kind if memory else None, losses=losses))
-        (out_dir / "runs" / name).mkdir(parents=True, exist_ok=True)
-        (out_dir / "runs" / name / "compare_eval.json").write_text(json.dumps(evaluation, indent=2))
-        del model
-        trainer = None  # the next run's peak memory must not include this model
-        gc.collect()
-    write_outputs(results, out_dir, eval_file, plot=plot)
-    return results
+            if (out_dir / "runs" / name).exists():
+                shutil.rmtree(out_dir / "runs" / name)  # compare owns OUT/runs: every call trains afresh
+            plan = [(recipe.training.seed + k, None) for k in range(seeds)]
+        else:
+            plan = [(None, folder) for folder in _seed_folders(source)]
+        runs: list[SeedRun] = []
+        sizes = None
+        for seed, folder in plan:
+            if folder is None:  # with eval_every, the trainer also scores the test file during training
+                recipe = load_recipe(source, extra + [
+                    f"training.seed={seed}", f"data.eval={json.dumps(str(Path(eval_file).resolve()))}",
+                    f"data.max_eval_examples={limit or 'null'}"])
+                run_dir = out_dir / "runs" / name / f"seed-{seed}"
+                model, checkpoint, evaluation, memory = _train(recipe, name, seed, run_dir, progress)
+            else:
+                checkpoint = resolve_checkpoint(folder)
+                model, recipe = load_checkpoint(checkpoint)
+                name = name or _unique_name(recipe.name, taken)
+                seed, memory, evaluation = recipe.training.seed, None, None
+                run_dir = out_dir / "runs" / name / (f"seed-{seed}" if len(plan) > 1 else "")
+            if eval_file is None:
+                raise AlmKitError("compare: no test file: pass --eval TEST_FILE (MMAU format)")
+            if items is None:
+                items = read_benchmark(eval_file).items
+            if evaluation is None:
+                evaluation = evaluate_file(model, eval_file, recipe.generation, limit=limit, progress=progress)
+            if sizes is None:  # every seed has the same architecture
+                sizes = (*parameter_counts(model), audio_tokens_per_clip(model, items))
+            losses, evals, speed = _training_curve(_run_dir_of(checkpoint))
+            runs.append(SeedRun(
+                seed=seed, checkpoint=checkpoint, correct=[bool(p["correct"]) for p in evaluation["predictions"]],
+                samples_per_s=speed, peak_memory_mib=memory.mib if memory else None,
+                memory_kind=memory.kind if memory else None, losses=losses, eval_accuracy=evals))
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "compare_eval.json").write_text(json.dumps(evaluation, indent=2))
+            del model  # the next run's peak memory must not include this model
+            gc.collect()
+        results.append(CompareResult(name=name, source=str(source), params_trainable=sizes[0],
+                                     params_total=sizes[1], audio_tokens_per_clip=sizes[2], runs=runs))
+    scored = items[: len(results[0].runs[0].correct)]
+    if any(len(run.correct) != len(scored) for r in results for run in r.runs):
+        raise AlmKitError("compare: the models were scored on different numbers of items")  # a paired test needs the same
+    comparison = Comparison(results, [i.groups for i in scored], _chance(scored), Path(eval_file))
+    write_outputs(comparison, out_dir, plot=plot)
+    return comparison
 
 
 # --------------------------------------------------------------------------- outputs
-def group_columns(results: list[CompareResult]) -> list[tuple[str, str]]:
-    """(group key, group name) of every per-group accuracy column, in order of first appearance.
+def group_columns(item_groups: list[dict[str, str]]) -> list[Column]:
+    """The overall column, then one per group of each grouping field, in order of first appearance.
 
-    A key whose groups repeat an earlier key's exactly (the synthetic set's category and
-    sub-category) is left out.
+    A field with one group only adds nothing to the overall column, and a field that splits the
+    items exactly as an earlier one does (the synthetic set's category and sub-category) is left out.
     """
-    keys = list(dict.fromkeys(key for r in results for key in r.groups))
-    kept: list[str] = []
-    for key in keys:
-        same = [k for k in kept if all(r.groups.get(k) == r.groups.get(key) for r in results)]
-        if not same:
-            kept.append(key)
-    return list(dict.fromkeys((key, name) for key in kept for r in results for name in r.groups.get(key, {})))
+    columns = [Column(None, "overall", np.ones(len(item_groups), dtype=bool))]
+    partitions: list[list[str | None]] = []
+    for key in GROUP_KEYS:
+        values = [g.get(key) for g in item_groups]
+        names = list(dict.fromkeys(v for v in values if v is not None))
+        relabel = [{v: i for i, v in enumerate(dict.fromkeys(values))}[v] for v in values]
+        if len(names) < 2 or relabel in partitions:
+            continue
+        partitions.append(relabel)
+        columns += [Column(key, name, np.array([v == name for v in values])) for name in names]
+    return columns
 
 
-def _column_label(key: str, name: str, columns: list[tuple[str, str]]) -> str:
-    return name if sum(n == name for _, n in columns) == 1 else f"{key}: {name}"
+def _column_label(column: Column, columns: list[Column]) -> str:
+    """The group's name alone for the first grouping field (the tasks), ``key: name`` for the others."""
+    first = next((c.key for c in columns if c.key is not None), None)
+    return column.name if column.key == first else f"{column.key}: {column.name}"
 
 
-def table_rows(results: list[CompareResult]) -> tuple[list[str], list[list[Any]]]:
-    """Header and raw values (the CSV)."""
-    columns = group_columns(results)
-    header = ["name", "source", "params_trainable", "params_total", "audio_tokens_per_clip",
-              "train_samples_per_s", "peak_memory_mib", "memory_kind", "accuracy"]
-    header += [f"accuracy[{key}={name}]" for key, name in columns]
+def table_rows(comparison: Comparison) -> tuple[list[str], list[list[Any]]]:
+    """Header and one row per model and seed (compare.csv): every per-seed figure, unrounded."""
+    header = ["name", "seed", "source", "checkpoint", "params_trainable", "params_total", "audio_tokens_per_clip",
+              "train_samples_per_s", "peak_memory_mib", "memory_kind"] + [c.csv_name for c in comparison.columns]
     rows = []
-    for r in results:
-        rows.append([r.name, r.source, r.params_trainable, r.params_total, round(r.audio_tokens_per_clip, 2),
-                     None if r.samples_per_s is None else round(r.samples_per_s, 2),
-                     None if r.peak_memory_mib is None else round(r.peak_memory_mib, 1), r.memory_kind,
-                     round(r.accuracy, 4)]
-                    + [None if name not in r.groups.get(key, {}) else round(r.groups[key][name], 4)
-                       for key, name in columns])
+    for r in comparison.results:
+        for run in r.runs:
+            correct = np.array(run.correct, dtype=float)
+            rows.append([r.name, run.seed, r.source, str(run.checkpoint), r.params_trainable, r.params_total,
+                         r.audio_tokens_per_clip, run.samples_per_s, run.peak_memory_mib, run.memory_kind]
+                        + [float(correct[c.mask].mean()) for c in comparison.columns])
+    return header, rows
+
+
+def summary_rows(comparison: Comparison) -> tuple[list[str], list[list[Any]]]:
+    """Header and one row per model and column (compare_summary.csv): mean, interval, test against the best."""
+    header = ["name", "column", "seeds", "mean", "ci_low", "ci_high", "best", "p_vs_best", "significant"]
+    rows = []
+    for r in comparison.results:
+        for column in comparison.columns:
+            cell = comparison.cells[r.name][column]
+            rows.append([r.name, column.csv_name, len(r.runs), cell.interval.mean, cell.interval.low,
+                         cell.interval.high, cell.best, cell.p_vs_best, cell.significant])
     return header, rows
 
 
@@ -264,33 +402,45 @@ def _counts(trainable: int, total: int) -> str:
     return f"{trainable:,} / {total:,}"
 
 
-def format_markdown(results: list[CompareResult], eval_file: str | Path | None = None) -> str:
-    columns = group_columns(results)
-    kinds = sorted({r.memory_kind for r in results if r.memory_kind})
+def _cell_text(cell: Cell) -> str:
+    i = cell.interval
+    mean = f"**{i.mean:.1%}**" if cell.best else f"{i.mean:.1%}"
+    return f"{mean} ({100 * i.low:.1f}–{100 * i.high:.1f}){' ↓' if cell.significant else ''}"
+
+
+def _p_text(cell: Cell) -> str:
+    if cell.p_vs_best is None:
+        return "best" if cell.best else "—"
+    return "<0.001" if cell.p_vs_best < 0.001 else f"{cell.p_vs_best:.3f}"
+
+
+def format_markdown(comparison: Comparison) -> str:
+    results, columns = comparison.results, comparison.columns
+    kinds = sorted({run.memory_kind for r in results for run in r.runs if run.memory_kind})
     memory_head = f"peak memory MiB ({', '.join(kinds)})" if kinds else "peak memory MiB"
-    head = (["model", "params trainable / total", "audio tokens / clip", "train samples/s", memory_head, "accuracy"]
-            + [_column_label(k, n, columns) for k, n in columns])
-    lines = []
-    if eval_file is not None:
-        lines.append(f"Accuracy on {eval_file} (MMAU string match).\n")
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    best = max(r.accuracy for r in results)
-    bold = len({r.accuracy for r in results}) > 1  # mark the best only when there is a difference
+    head = (["model", "params trainable / total", "audio tokens / clip", "train samples/s", memory_head,
+             "accuracy (95% CI)", "p vs best"] + [_column_label(c, columns) for c in columns[1:]])
+    seeds = sorted({len(r.runs) for r in results})
+    over = "test items" + (f" and {'/'.join(map(str, seeds))} seeds" if seeds != [1] else " (one seed)")
+    where = f" on {comparison.eval_file}" if comparison.eval_file is not None else ""
+    lines = [f"Accuracy{where} (MMAU string match): mean, with a 95% bootstrap interval over {over}. "
+             f"Bold: best of its column; ↓: below that best by a significant margin (paired bootstrap on the "
+             f"same items, p < {ALPHA}). Chance: {comparison.chance:.1%}.\n",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        acc = f"{r.accuracy:.1%}"
-        cells = [r.name, _counts(r.params_trainable, r.params_total),
-                 f"{r.audio_tokens_per_clip:g}" if r.audio_tokens_per_clip == int(r.audio_tokens_per_clip)
-                 else f"{r.audio_tokens_per_clip:.1f}",
-                 "—" if r.samples_per_s is None else f"{r.samples_per_s:.1f}",
-                 "—" if r.peak_memory_mib is None else f"{r.peak_memory_mib:,.0f}",
-                 f"**{acc}**" if bold and r.accuracy == best else acc]
-        cells += ["—" if n not in r.groups.get(k, {}) else f"{r.groups[k][n]:.1%}" for k, n in columns]
-        lines.append("| " + " | ".join(cells) + " |")
+        cells = comparison.cells[r.name]
+        speed, memory = r.mean_of("samples_per_s"), r.mean_of("peak_memory_mib")
+        row = [r.name, _counts(r.params_trainable, r.params_total),
+               f"{r.audio_tokens_per_clip:g}" if r.audio_tokens_per_clip == int(r.audio_tokens_per_clip)
+               else f"{r.audio_tokens_per_clip:.1f}",
+               "—" if speed is None else f"{speed:.1f}", "—" if memory is None else f"{memory:,.0f}",
+               _cell_text(cells[columns[0]]), _p_text(cells[columns[0]])]
+        row += [_cell_text(cells[c]) for c in columns[1:]]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-def format_csv(results: list[CompareResult]) -> str:
-    header, rows = table_rows(results)
+def _csv(header: list[str], rows: list[list[Any]]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
@@ -298,48 +448,15 @@ def format_csv(results: list[CompareResult]) -> str:
     return buffer.getvalue()
 
 
-def plot_results(results: list[CompareResult], path: Path) -> Path | None:
-    """Loss curves and accuracy against trainable parameters; None (and no file) without matplotlib."""
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def write_outputs(comparison: Comparison, out_dir: Path, *, plot: bool = True) -> dict[str, Path]:
+    from alm_kit.workflows.compare_plot import plot_comparison
 
-    fig, (curves, scatter) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in results:
-        if r.losses:
-            steps, losses = zip(*r.losses)
-            curves.plot(steps, losses, label=r.name, linewidth=1.2)
-    curves.set(xlabel="optimizer step", ylabel="training loss", title="Training loss")
-    losses = [loss for r in results for _, loss in r.losses]
-    if losses:
-        curves.legend(fontsize=8)
-        if min(losses) > 0 and max(losses) / min(losses) > 10:
-            curves.set_yscale("log")
-    for r in results:
-        scatter.scatter(r.params_trainable, 100 * r.accuracy, s=30)
-        scatter.annotate(r.name, (r.params_trainable, 100 * r.accuracy), textcoords="offset points", xytext=(4, 4),
-                         fontsize=8)
-    counts = [r.params_trainable for r in results]
-    if min(counts) > 0 and max(counts) / min(counts) > 10:
-        scatter.set_xscale("log")
-    scatter.set_ylim(0, min(100, 100 * max(r.accuracy for r in results) * 1.2 + 5))
-    scatter.set(xlabel="trainable parameters", ylabel="accuracy (%)", title="Accuracy vs. trainable parameters")
-    scatter.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_outputs(results: list[CompareResult], out_dir: Path, eval_file: str | Path | None = None, *,
-                  plot: bool = True) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = {"markdown": out_dir / "compare.md", "csv": out_dir / "compare.csv"}
-    written["markdown"].write_text(format_markdown(results, eval_file) + "\n")
-    written["csv"].write_text(format_csv(results))
-    if plot and plot_results(results, out_dir / "compare.png") is not None:
+    written = {"markdown": out_dir / "compare.md", "csv": out_dir / "compare.csv",
+               "summary": out_dir / "compare_summary.csv"}
+    written["markdown"].write_text(format_markdown(comparison) + "\n")
+    written["csv"].write_text(_csv(*table_rows(comparison)))
+    written["summary"].write_text(_csv(*summary_rows(comparison)))
+    if plot and plot_comparison(comparison, out_dir / "compare.png") is not None:
         written["png"] = out_dir / "compare.png"
     return written
