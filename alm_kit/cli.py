@@ -44,6 +44,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a recipe: alm-kit train RECIPE.yaml [key.path=value ...]")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. training.lr=3e-4 data.train=x.jsonl")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the checkpoints of an earlier run in the same folder and start again")
+    p.set_defaults(func=cmd_train)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from alm_kit.checkpoint import export_checkpoint
 
@@ -52,11 +63,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a checkpoint as a self-contained inference folder (LoRA merged)")
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_export)
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from alm_kit.training.monitor import plot_run
 
     print(plot_run(args.run_dir, args.out))
     return 0
+
+
+def add_plot_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="draw a run's loss and accuracy curves as a PNG (needs matplotlib)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="PNG path (default: RUN_DIR/curves.png)")
+    p.set_defaults(func=cmd_plot)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -68,6 +93,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     written = ", ".join(str(p) for p in sorted(Path(args.out).glob("compare*.*")))
     print(f"\nwrote {written}")
     return 0
+
+
+def add_compare_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="train/load several models, score them on one test file, write a "
+                                       "table (Markdown + CSV) and a plot")
+    p.add_argument("sources", nargs="+", metavar="RECIPE_OR_RUN",
+                   help="recipe files (trained here) or run folders / checkpoints (used as they are)")
+    p.add_argument("--eval", help="MMAU-format test file (default: the first recipe's data.eval)")
+    p.add_argument("--steps", type=int, help="training steps for every recipe (training.max_steps)")
+    p.add_argument("--seeds", type=int, default=1, metavar="K",
+                   help="train every recipe K times (training.seed, +1, ...; OUT/runs/NAME/seed-N): the table "
+                        "gives mean and 95%% interval over test items and seeds (default: 1)")
+    p.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override applied to every recipe (repeatable)")
+    p.add_argument("--limit", type=int, help="score only the first N test items")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compare)
 
 
 def _generation_overrides(args: argparse.Namespace) -> dict:
@@ -128,6 +171,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return EXIT_FAILED_ITEMS if report.failed_rows else 0
 
 
+def add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="answer a prompt about audio clips, or a JSONL file of examples (resumable)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint or run directory, or a recipe .yaml")
+    p.add_argument("--audio", action="append", help="audio file (repeat for a second clip)")
+    p.add_argument("--prompt")
+    p.add_argument("--input", help="JSONL of {id, audio, prompt} (paths relative to the file)")
+    p.add_argument("--output", help="JSONL the answers are appended to; ids already there are skipped")
+    p.add_argument("--retry-errors", action="store_true", help="answer again the examples that failed before")
+    p.add_argument("--json", action="store_true", help="one example: print text, answer, thought as JSON")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weights (default: the recipe's generation.dtype; auto: bf16 on CUDA, fp32 on the CPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_generation_options(p)
+    p.set_defaults(func=cmd_generate)
+
+
 def _empty_answer_reason(result) -> str:
     """Why ``generate`` printed an empty answer, and what to try."""
     if result.finish_reason == "stop" and not result.tokens:
@@ -148,6 +208,27 @@ def cmd_rephrase(args: argparse.Namespace) -> int:
                            progress=not args.quiet)
     print(report.summary())
     return EXIT_FAILED_ITEMS if report.failed else 0
+
+
+def add_rephrase_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rephrase", help="ALARM self-rephrasing: the recipe's decoder answers from each example's "
+                                        "text description, then rewrites the answer as if it had heard the audio")
+    p.add_argument("source", metavar="RECIPE_OR_CHECKPOINT", help="a recipe .yaml (its decoder only) or a checkpoint")
+    p.add_argument("--in", dest="input", required=True, help="JSONL with id, audio, prompt, description")
+    p.add_argument("--out", dest="output", required=True,
+                   help="training manifest written (appended; ids already there or in OUT.rejected.jsonl are skipped)")
+    p.add_argument("--batch-size", type=int, help="examples generated together (default: generation.batch_size)")
+    p.add_argument("--limit", type=int, help="only the first N examples of the input")
+    p.add_argument("--retry", action="store_true", help="run the rejected examples (errors, filtered) again")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="recipe override, e.g. generation.temperature=0.7 (repeatable; a checkpoint takes only "
+                        "rephrase.* and generation.*, paths relative to the current directory)")
+    p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
+                   help="thinking on/off (default: generation.thinking)")
+    p.add_argument("--thinking-budget", type=int, help="most thought tokens (default: generation.thinking_budget)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_rephrase)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -171,6 +252,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         server.server_close()
     return 0
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="HTTP server: OpenAI-style chat completions with audio, batched")
+    p.add_argument("checkpoint", help="checkpoint or run directory, or a recipe .yaml")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weights (default: the recipe's generation.dtype; auto: bf16 on CUDA, fp32 on the CPU)")
+    p.add_argument("--model-name", help="the model id the API reports (default: the checkpoint folder's name)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests answered together")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a request waits for company")
+    p.add_argument("--max-upload-mb", type=float, default=25.0)
+    p.add_argument("--max-audio-seconds", type=float, default=120.0)
+    p.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask for")
+    p.add_argument("--body-timeout", type=float, default=60.0,
+                   help="seconds a client has to send its request body (then 408)")
+    p.add_argument("--max-connections", type=int, default=64,
+                   help="open connections and requests in progress; beyond it new requests get 503")
+    p.add_argument("--quiet", action="store_true", help="no request log")
+    p.set_defaults(func=cmd_serve)
 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -249,6 +352,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_FAILED_ITEMS if result.failed else 0
 
 
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    from alm_kit.evaluation.formats import FORMATS
+    from alm_kit.evaluation.runner import SCORING_METHODS
+
+    p = sub.add_parser("eval", help="multiple-choice accuracy of a checkpoint on a benchmark file "
+                                    "(MMAU, MMAR, MMSU, AIR-Bench, alm-kit MCQ JSONL)")
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
+    p.add_argument("file", help="the benchmark's file as published; audio paths are relative to it")
+    p.add_argument("--format", choices=list(FORMATS), help="default: detected from the first record")
+    p.add_argument("--out", help="output folder (default: CHECKPOINT/eval/<file stem>)")
+    p.add_argument("--plot", action="store_true", help="a bar chart PNG per grouping (needs matplotlib)")
+    p.add_argument("--limit", type=int, help="only the first N items")
+    p.add_argument("--scoring", choices=SCORING_METHODS, default="generate",
+                   help="generate: the model writes an answer, scored with the benchmark's rule (default); "
+                        "likelihood: the option the model finds most likely after the prompt (lm-eval-harness style)")
+    p.add_argument("--template", help="generation.mcq_template: auto, mellow, chat, a template string, or a "
+                                      "mapping {prompt: ..., choice: '({label}) {choice}', labels: lower, "
+                                      "separator: ' '}")
+    p.add_argument("--template-from-data", nargs="?", const="", metavar="MANIFEST",
+                   help="ask in the style of the training prompts: the template is recovered from MANIFEST "
+                        "(default: the checkpoint recipe's data.train)")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--audio-root", help="folder the audio paths are relative to (default: the file's folder)")
+    p.add_argument("--fresh", action="store_true", help="ignore answers saved by an earlier run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weights (default: the recipe's generation.dtype; auto: bf16 on CUDA, fp32 on the CPU)")
+    p.set_defaults(func=cmd_eval)
+
+
 def _template_option(value: str):
     """``--template``: a name, a prompt string, or a YAML mapping ``{prompt: ..., choice: ..., labels: ...,
     separator: ...}`` that sets how the options are written."""
@@ -280,6 +415,18 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_import_parser(sub: argparse._SubParsersAction) -> None:
+    from alm_kit.importers import IMPORTERS
+
+    p = sub.add_parser("import", help="convert another project's checkpoint, e.g. alm-kit import mellow v0.ckpt OUT")
+    p.add_argument("kind", choices=sorted(IMPORTERS))
+    p.add_argument("source", help="the checkpoint file (e.g. Mellow's v0.ckpt or v0_s.ckpt)")
+    p.add_argument("out_dir")
+    p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. model.decoder.params.pretrained=/models/smollm2")
+    p.add_argument("--recipe", help="the recipe to build (default: recipes/mellow.yaml for mellow)")
+    p.set_defaults(func=cmd_import)
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     from alm_kit.registry import get_registry
     from alm_kit.registry.manager import BUILTIN_PLUGINS
@@ -304,6 +451,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_plugins_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plugins", help="list every registered component and its provider")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plugins)
+
+
 def cmd_recipe_show(args: argparse.Namespace) -> int:
     from alm_kit.config import dump_recipe
 
@@ -325,6 +478,17 @@ def cmd_recipe_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_recipe_parser(sub: argparse._SubParsersAction) -> None:
+    recipe = sub.add_parser("recipe", help="show or validate a recipe").add_subparsers(dest="recipe_command",
+                                                                                      required=True)
+    for name, func, text in (("show", cmd_recipe_show, "print the fully resolved recipe"),
+                             ("validate", cmd_recipe_validate, "check a recipe and its component params")):
+        p = recipe.add_parser(name, help=text)
+        p.add_argument("recipe")
+        p.add_argument("overrides", nargs="*")
+        p.set_defaults(func=func)
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     from alm_kit.workflows.cache import cache_recipe
 
@@ -332,6 +496,16 @@ def cmd_cache(args: argparse.Namespace) -> int:
     for label, report in cache_recipe(recipe, progress=not args.quiet, batch_size=args.batch_size).items():
         print(f"{label}: {report}")
     return 0
+
+
+def add_cache_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cache", help="encode a recipe's training clips with its frozen encoders into the "
+                                     "disk feature cache ahead of training")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. training.cache_dir=/fast/disk")
+    p.add_argument("--batch-size", type=int, default=16, help="clips per encoder call")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_cache)
 
 
 def cmd_data_shard(args: argparse.Namespace) -> int:
@@ -358,162 +532,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from alm_kit import __version__
-
-    parser = argparse.ArgumentParser(prog="alm-kit", description="Train and run small audio-language models.")
-    parser.add_argument("--version", action="version", version=f"alm-kit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="train a recipe: alm-kit train RECIPE.yaml [key.path=value ...]")
-    p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. training.lr=3e-4 data.train=x.jsonl")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    p.add_argument("--overwrite", action="store_true",
-                   help="delete the checkpoints of an earlier run in the same folder and start again")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("export", help="write a checkpoint as a self-contained inference folder (LoRA merged)")
-    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
-    p.add_argument("out")
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("plot", help="draw a run's loss and accuracy curves as a PNG (needs matplotlib)")
-    p.add_argument("run_dir")
-    p.add_argument("--out", help="PNG path (default: RUN_DIR/curves.png)")
-    p.set_defaults(func=cmd_plot)
-
-    p = sub.add_parser("compare", help="train/load several models, score them on one test file, write a "
-                                       "table (Markdown + CSV) and a plot")
-    p.add_argument("sources", nargs="+", metavar="RECIPE_OR_RUN",
-                   help="recipe files (trained here) or run folders / checkpoints (used as they are)")
-    p.add_argument("--eval", help="MMAU-format test file (default: the first recipe's data.eval)")
-    p.add_argument("--steps", type=int, help="training steps for every recipe (training.max_steps)")
-    p.add_argument("--seeds", type=int, default=1, metavar="K",
-                   help="train every recipe K times (training.seed, +1, ...; OUT/runs/NAME/seed-N): the table "
-                        "gives mean and 95%% interval over test items and seeds (default: 1)")
-    p.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override applied to every recipe (repeatable)")
-    p.add_argument("--limit", type=int, help="score only the first N test items")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_compare)
-
-    p = sub.add_parser("generate", help="answer a prompt about audio clips, or a JSONL file of examples (resumable)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint or run directory, or a recipe .yaml")
-    p.add_argument("--audio", action="append", help="audio file (repeat for a second clip)")
-    p.add_argument("--prompt")
-    p.add_argument("--input", help="JSONL of {id, audio, prompt} (paths relative to the file)")
-    p.add_argument("--output", help="JSONL the answers are appended to; ids already there are skipped")
-    p.add_argument("--retry-errors", action="store_true", help="answer again the examples that failed before")
-    p.add_argument("--json", action="store_true", help="one example: print text, answer, thought as JSON")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="weights (default: the recipe's generation.dtype; auto: bf16 on CUDA, fp32 on the CPU)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_generation_options(p)
-    p.set_defaults(func=cmd_generate)
-
-    from alm_kit.evaluation.formats import FORMATS
-    from alm_kit.evaluation.runner import SCORING_METHODS
-    from alm_kit.importers import IMPORTERS
-
-    p = sub.add_parser("rephrase", help="ALARM self-rephrasing: the recipe's decoder answers from each example's "
-                                        "text description, then rewrites the answer as if it had heard the audio")
-    p.add_argument("source", metavar="RECIPE_OR_CHECKPOINT", help="a recipe .yaml (its decoder only) or a checkpoint")
-    p.add_argument("--in", dest="input", required=True, help="JSONL with id, audio, prompt, description")
-    p.add_argument("--out", dest="output", required=True,
-                   help="training manifest written (appended; ids already there or in OUT.rejected.jsonl are skipped)")
-    p.add_argument("--batch-size", type=int, help="examples generated together (default: generation.batch_size)")
-    p.add_argument("--limit", type=int, help="only the first N examples of the input")
-    p.add_argument("--retry", action="store_true", help="run the rejected examples (errors, filtered) again")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="recipe override, e.g. generation.temperature=0.7 (repeatable; a checkpoint takes only "
-                        "rephrase.* and generation.*, paths relative to the current directory)")
-    p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
-                   help="thinking on/off (default: generation.thinking)")
-    p.add_argument("--thinking-budget", type=int, help="most thought tokens (default: generation.thinking_budget)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_rephrase)
-
-    p = sub.add_parser("serve", help="HTTP server: OpenAI-style chat completions with audio, batched")
-    p.add_argument("checkpoint", help="checkpoint or run directory, or a recipe .yaml")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="weights (default: the recipe's generation.dtype; auto: bf16 on CUDA, fp32 on the CPU)")
-    p.add_argument("--model-name", help="the model id the API reports (default: the checkpoint folder's name)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests answered together")
-    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a request waits for company")
-    p.add_argument("--max-upload-mb", type=float, default=25.0)
-    p.add_argument("--max-audio-seconds", type=float, default=120.0)
-    p.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask for")
-    p.add_argument("--body-timeout", type=float, default=60.0,
-                   help="seconds a client has to send its request body (then 408)")
-    p.add_argument("--max-connections", type=int, default=64,
-                   help="open connections and requests in progress; beyond it new requests get 503")
-    p.add_argument("--quiet", action="store_true", help="no request log")
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("eval", help="multiple-choice accuracy of a checkpoint on a benchmark file "
-                                    "(MMAU, MMAR, MMSU, AIR-Bench, alm-kit MCQ JSONL)")
-    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
-    p.add_argument("file", help="the benchmark's file as published; audio paths are relative to it")
-    p.add_argument("--format", choices=list(FORMATS), help="default: detected from the first record")
-    p.add_argument("--out", help="output folder (default: CHECKPOINT/eval/<file stem>)")
-    p.add_argument("--plot", action="store_true", help="a bar chart PNG per grouping (needs matplotlib)")
-    p.add_argument("--limit", type=int, help="only the first N items")
-    p.add_argument("--scoring", choices=SCORING_METHODS, default="generate",
-                   help="generate: the model writes an answer, scored with the benchmark's rule (default); "
-                        "likelihood: the option the model finds most likely after the prompt (lm-eval-harness style)")
-    p.add_argument("--template", help="generation.mcq_template: auto, mellow, chat, a template string, or a "
-                                      "mapping {prompt: ..., choice: '({label}) {choice}', labels: lower, "
-                                      "separator: ' '}")
-    p.add_argument("--template-from-data", nargs="?", const="", metavar="MANIFEST",
-                   help="ask in the style of the training prompts: the template is recovered from MANIFEST "
-                        "(default: the checkpoint recipe's data.train)")
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--audio-root", help="folder the audio paths are relative to (default: the file's folder)")
-    p.add_argument("--fresh", action="store_true", help="ignore answers saved by an earlier run")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="weights (default: the recipe's generation.dtype; auto: bf16 on CUDA, fp32 on the CPU)")
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("import", help="convert another project's checkpoint, e.g. alm-kit import mellow v0.ckpt OUT")
-    p.add_argument("kind", choices=sorted(IMPORTERS))
-    p.add_argument("source", help="the checkpoint file (e.g. Mellow's v0.ckpt or v0_s.ckpt)")
-    p.add_argument("out_dir")
-    p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. model.decoder.params.pretrained=/models/smollm2")
-    p.add_argument("--recipe", help="the recipe to build (default: recipes/mellow.yaml for mellow)")
-    p.set_defaults(func=cmd_import)
-
-    p = sub.add_parser("cache", help="encode a recipe's training clips with its frozen encoders into the "
-                                     "disk feature cache ahead of training")
-    p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. training.cache_dir=/fast/disk")
-    p.add_argument("--batch-size", type=int, default=16, help="clips per encoder call")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_cache)
-
-    p = sub.add_parser("plugins", help="list every registered component and its provider")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_plugins)
-
-    recipe = sub.add_parser("recipe", help="show or validate a recipe").add_subparsers(dest="recipe_command",
-                                                                                      required=True)
-    for name, func, text in (("show", cmd_recipe_show, "print the fully resolved recipe"),
-                             ("validate", cmd_recipe_validate, "check a recipe and its component params")):
-        p = recipe.add_parser(name, help=text)
-        p.add_argument("recipe")
-        p.add_argument("overrides", nargs="*")
-        p.set_defaults(func=func)
-
+def add_data_parser(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("shard", help="write WebDataset tar shards from a manifest (audio bytes copied as they are)")
     p.add_argument("manifest")
@@ -536,6 +555,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="spoken-word items with espeak-ng (default: when it is installed)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_data_synth)
+
+
+#: every command, in the order ``alm-kit --help`` lists them
+COMMANDS = (add_train_parser, add_export_parser, add_plot_parser, add_compare_parser, add_generate_parser,
+            add_rephrase_parser, add_serve_parser, add_eval_parser, add_import_parser, add_cache_parser,
+            add_plugins_parser, add_recipe_parser, add_data_parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``alm-kit`` parser: each command adds its own sub-parser (``add_*_parser``, next to its handler)."""
+    from alm_kit import __version__
+
+    parser = argparse.ArgumentParser(prog="alm-kit", description="Train and run small audio-language models.")
+    parser.add_argument("--version", action="version", version=f"alm-kit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 
