@@ -180,9 +180,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", help="JSONL the answers are appended to; ids already there are skipped")
     p.add_argument("--retry-errors", action="store_true", help="answer again the examples that failed before")
     p.add_argument("--json", action="store_true", help="one example: print text, answer, thought as JSON")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="weights (default: the recipe's generation.dtype; auto: bf16 on CUDA, fp32 on the CPU)")
+    add_device_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_generation_options(p)
     p.set_defaults(func=cmd_generate)
@@ -259,9 +257,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="checkpoint or run directory, or a recipe .yaml")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="weights (default: the recipe's generation.dtype; auto: bf16 on CUDA, fp32 on the CPU)")
+    add_device_options(p)
     p.add_argument("--model-name", help="the model id the API reports (default: the checkpoint folder's name)")
     p.add_argument("--max-batch", type=int, default=8, help="requests answered together")
     p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a request waits for company")
@@ -274,6 +270,13 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="open connections and requests in progress; beyond it new requests get 503")
     p.add_argument("--quiet", action="store_true", help="no request log")
     p.set_defaults(func=cmd_serve)
+
+
+def add_device_options(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype of the commands that load a model for inference."""
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weights (default: the recipe's generation.dtype; auto: bf16 on CUDA, fp32 on the CPU)")
 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -378,9 +381,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--audio-root", help="folder the audio paths are relative to (default: the file's folder)")
     p.add_argument("--fresh", action="store_true", help="ignore answers saved by an earlier run")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="weights (default: the recipe's generation.dtype; auto: bf16 on CUDA, fp32 on the CPU)")
+    add_device_options(p)
     p.set_defaults(func=cmd_eval)
 
 

@@ -21,7 +21,7 @@ Conventions of every signature below: *clips* is the number of clips in a batch
 (the clips of all examples flattened in example order; ``clips_per_example`` says
 how many belong to each example), ``d`` is the decoder's ``hidden_size``, and a
 mask is a bool tensor that is True where a position is real (audio or text), False
-where it is padding. The examples run as doctests (``tests/test_interfaces_docs.py``).
+where it is padding. The examples run as doctests (``tests/components/test_interfaces_docs.py``).
 
 Example:
     A component is a class of its kind with a nested ``Config``; a hook registers

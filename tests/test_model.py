@@ -216,7 +216,7 @@ def _mellow_with_tokenizer(tokenizer: str, *overrides: str):
     from pathlib import Path
 
     from alm_kit.config import load_recipe
-    from tests.mellow_reference_format import tiny_overrides
+    from tests.recipes.mellow_reference_format import tiny_overrides
 
     decoder = [o for o in tiny_overrides() if o.startswith("model.decoder.params=")][0]
     decoder = decoder.replace("'builtin:tiny'", f"'{tokenizer}'")

@@ -19,25 +19,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from alm_kit.parallel import Ranks
 from alm_kit.runtime import resolve_device
 
 
-@dataclass
-class World:
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
+@dataclass(frozen=True)
+class World(Ranks):
+    """This rank's place in a training run: :class:`~alm_kit.parallel.Ranks` plus the strategy."""
+
     strategy: str = "ddp"
     #: whether the engine started the process group (and so ends it)
     owns_group: bool = False
-
-    @property
-    def enabled(self) -> bool:
-        return self.size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     @property
     def sharded(self) -> bool:

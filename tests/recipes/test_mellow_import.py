@@ -1,9 +1,9 @@
 """``alm-kit import mellow``: the reference checkpoint layout converts, wrong files fail clearly, and in
 compatibility mode the imported model reproduces the reference code's logits and greedy texts.
 
-The golden values in tests/data/mellow_golden.json come from running the reference implementation
-(github soham97/mellow) on the same toy state dict: see tests/data/make_mellow_golden.py for the
-script and its substitutions. The state dict is built by tests/mellow_reference_format.py from the
+The golden values in tests/fixtures/mellow_golden.json come from running the reference implementation
+(github soham97/mellow) on the same toy state dict: see tests/fixtures/make_mellow_golden.py for the
+script and its substitutions. The state dict is built by tests/recipes/mellow_reference_format.py from the
 documented key layout with seeded random values.
 """
 
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from alm_kit.errors import CheckpointError
-from tests.mellow_reference_format import (
+from tests.recipes.mellow_reference_format import (
     ANSWERS,
     GEN_TOKENS,
     MELLOW_TINY_HTSAT,
@@ -29,7 +29,7 @@ from tests.mellow_reference_format import (
     toy_clips,
 )
 
-GOLDEN = json.loads((Path(__file__).parent / "data" / "mellow_golden.json").read_text())
+GOLDEN = json.loads((Path(__file__).parents[1] / "fixtures" / "mellow_golden.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_import_stores_tied_weights_once_and_loads_without_the_decoder_source(tm
 
     from alm_kit.checkpoint import load_checkpoint
     from alm_kit.cli import main
-    from tests.mellow_reference_format import _tiny_tokenizer, lm_config
+    from tests.recipes.mellow_reference_format import _tiny_tokenizer, lm_config
 
     source = tmp_path / "smollm2-like"  # the decoder the recipe names, with random weights of its own
     tokenizer = _tiny_tokenizer()

@@ -26,7 +26,7 @@ from alm_kit.interfaces import Encoder
 from alm_kit.registry import build_registry, manager
 from tests.conftest import assert_differs, tiny_recipe_dict
 
-PLUGIN_DIR = Path(__file__).resolve().parents[1] / "plugins" / "alm-kit-logmel-cnn"
+PLUGIN_DIR = Path(__file__).resolve().parents[2] / "plugins" / "alm-kit-logmel-cnn"
 DIST_NAME = "alm-kit-logmel-cnn"
 DIST_VERSION = "0.1.0"
 EP_NAME = "logmel_cnn"

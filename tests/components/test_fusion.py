@@ -364,7 +364,7 @@ def test_tiny_alarm_recipe_adapters_then_cross_attention_trains(tone_dataset, tm
     from alm_kit.data.batch import AudioTextDataset, collate
     from alm_kit.data.manifest import read_manifest
     from alm_kit.training.engine import Trainer
-    from tests.test_encoders import TINY_WHISPER
+    from tests.components.test_encoders import TINY_WHISPER
 
     data = tiny_recipe_dict(**{"training.max_steps": 3})
     data["model"]["encoders"] = [

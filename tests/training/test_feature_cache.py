@@ -23,8 +23,8 @@ from alm_kit.training.feature_cache import (
     open_cache,
     to_tensors,
 )
+from tests.components.test_encoders import TINY_WHISPER
 from tests.conftest import TINY_HTSAT, tiny_recipe_dict, write_tone
-from tests.test_encoders import TINY_WHISPER
 
 
 def model_with(**htsat_changes):

@@ -135,7 +135,7 @@ def test_shipped_recipes_validate(name, capsys):
 
     from alm_kit.cli import main
 
-    path = Path(__file__).parent.parent / "recipes" / name
+    path = Path(__file__).parents[2] / "recipes" / name
     assert main(["recipe", "validate", str(path)]) == 0
     assert "ok" in capsys.readouterr().out
 

@@ -17,7 +17,7 @@ from alm_kit.inference.engine import Generation
 from alm_kit.workflows import rephrase as rp
 from tests.conftest import write_tone
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 TINY = RECIPES / "alarm" / "tiny.yaml"
 EXAMPLES = RECIPES / "alarm" / "examples.jsonl"
 

@@ -16,7 +16,7 @@ from alm_kit.model import model_entries
 from alm_kit.registry.build import resolve_component
 from tests.conftest import assert_differs
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 ABLATIONS = {"vanilla": {"intent_query": False, "semantic_gate": False},
              "no-intent": {"intent_query": False}, "no-gate": {"semantic_gate": False}}
 

@@ -13,7 +13,7 @@ names of ``Mellow`` / ``HTSATWrapper`` / ``Projection`` / ``DecoderModel``)::
 Key names come from building the same modules (laion's HTS-AT, a transformers Llama); every
 learned value is drawn from a seeded ``torch.Generator`` (stable across library versions), and the
 values that are fixed functions of the configuration (STFT and mel kernels, Swin position
-indices and shift masks) are kept as built. ``tests/data/make_mellow_golden.py`` runs the
+indices and shift masks) are kept as built. ``tests/fixtures/make_mellow_golden.py`` runs the
 reference code on exactly this state dict to produce the golden values of the parity test.
 """
 

@@ -44,7 +44,7 @@ TEST_KEYS = {
 
 def mmau_string_match(answer: str, prediction: str, choices: list[str]) -> bool:
     """MMAU's evaluation.py scorer (alm-kit's implementation, pinned against the official cases in
-    tests/test_evaluation_scoring.py)."""
+    tests/evaluation/test_evaluation_scoring.py)."""
     from alm_kit.evaluation.scoring import string_match
 
     return string_match(answer, prediction, choices)

@@ -102,7 +102,7 @@ def test_the_demo_recipe_under_torchrun_matches_one_process(tmp_path):
     """README's `torchrun --nproc_per_node 2 -m alm_kit train recipes/demo.yaml`, at toy length: the demo
     trains its HTS-AT with `output: sed`, whose classifier head the loss never reaches; the engine
     leaves it out, so DDP needs no find_unused_parameters and the ranks train like one process."""
-    from tests.test_training_run import demo_recipe
+    from tests.training.test_training_run import demo_recipe
 
     # dropout off: each rank draws from its own RNG stream, one process from one
     single = train(demo_recipe(tmp_path, tmp_path / "single", "training.batch_size=2", "training.grad_accum_steps=2",

@@ -24,7 +24,7 @@ from alm_kit.data.shards import (
 from alm_kit.interfaces import AudioSpec
 from alm_kit.training.data import ShardData, ShuffleBuffer
 from tests.conftest import tiny_recipe_dict, write_tone
-from tests.test_training_run import interrupt_at
+from tests.training.test_training_run import interrupt_at
 
 SPECS = {"enc": AudioSpec(16000, 1.0)}
 
@@ -246,7 +246,7 @@ def test_two_ranks_under_torchrun_read_their_own_shards(tone_dataset, tmp_path):
     import torch
     import yaml
 
-    from tests.test_distributed import WORKER, recipe_dict, torchrun
+    from tests.training.test_distributed import WORKER, recipe_dict, torchrun
 
     (tmp_path / "worker.py").write_text(WORKER)
     for shards, name in ((2, "ok"), (1, "short")):
