@@ -85,15 +85,20 @@ def autocast_for(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
-def ensure_training_data(recipe: Recipe, progress: bool = True) -> None:
-    """Make the synthetic data set when the recipe asks for it and the manifest is missing."""
+def ensure_training_data(recipe: Recipe, progress: bool = True) -> dict | None:
+    """Make the synthetic data set when the recipe asks for it and the manifest is missing (or, in
+    data.synth.out_dir, was made with other settings); its metadata, or None without data.synth."""
     synth = recipe.data.synth
-    if synth is None or (recipe.data.train and Path(recipe.data.train).exists()):
-        return
-    from alm_kit.data.synth import synthesize
+    if synth is None or not isinstance(recipe.data.train, str):
+        return None
+    train = Path(recipe.data.train)
+    if train.exists() and train.resolve().parent != Path(synth.out_dir).resolve():
+        return None
+    from alm_kit.data.synth import ensure_synth
 
-    synthesize(synth.out_dir, n_train=synth.n_train, n_test=synth.n_test, seed=synth.seed,
-               speech=synth.speech, progress=progress)
+    return ensure_synth(synth.out_dir, n_train=synth.n_train, n_test=synth.n_test, seed=synth.seed,
+                        speech=synth.speech, tasks=synth.tasks, progress=progress,
+                        log=tqdm.write if progress else lambda _message: None)
 
 
 def load_examples(recipe: Recipe, path: str, limit: int | None) -> tuple[list[Example], list[str]]:
@@ -428,7 +433,10 @@ class Trainer:
             raise ValueError("the recipe names no training data: set data.train "
                              "(and data.synth to generate the synthetic set there)")
         with self._main_first():
-            ensure_training_data(recipe, self.progress)
+            made = ensure_training_data(recipe, self.progress)
+        if made:
+            self.log(f"data: synthetic set {recipe.data.synth.out_dir} (seed {made['seed']}, {made['n_train']} "
+                     f"training / {made['n_test']} test items), tasks: {', '.join(made['tasks'])}")
         shards = shard_paths(recipe.data.train)  # None: a manifest
         examples, problems = ([], []) if shards else load_examples(recipe, recipe.data.train,
                                                                     recipe.data.max_train_examples)
