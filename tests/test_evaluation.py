@@ -196,6 +196,10 @@ def test_cli_eval_on_two_audio_jsonl(checkpoint, tmp_path, capsys):
     out = checkpoint / "eval" / "pairs"  # default output folder
     summary = json.loads((out / "results.json").read_text())
     assert summary["items"] == 4 and summary["table"]["overall"]["failed"] == 1 and summary["template"] == "mellow"
+    # answers of the random model that are not exactly an option are counted as such (the failed item apart)
+    strays = [p for p in summary["predictions"] if p["id"] != "gone" and not p["is_choice"]]
+    assert strays and summary["table"]["overall"]["not_a_choice"] == len(strays)
+    assert f"{len(strays)} not a choice" in captured.out
     annotated = [json.loads(line) for line in (out / "pairs.predictions.jsonl").read_text().splitlines()]
     assert [r["id"] for r in annotated] == ["p0", "p1", "p2", "gone"]
     assert all(isinstance(r["model_prediction"], str) for r in annotated) and annotated[3]["model_prediction"] == ""
