@@ -72,7 +72,11 @@ class SynthDataConfig:
     n_train: int = 2000
     n_test: int = 400
     seed: int = 0
+    #: the spoken_word task (needs espeak-ng): true, false, or null = iff espeak-ng is installed, so
+    #: that the same recipe makes 7 tasks on one machine and 8 on another; shipped recipes pin it
     speech: bool | None = None
+    #: a subset of the task names (docs/synth.md); null: every sound task
+    tasks: list[str] | None = None
 
 
 @dataclass

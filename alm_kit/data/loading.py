@@ -12,15 +12,22 @@ from alm_kit.data.manifest import Example, check_audio_files, read_manifest, war
 from alm_kit.text.templates import apply_response_template
 
 
-def ensure_training_data(recipe: Recipe, progress: bool = True) -> None:
-    """Make the synthetic data set when the recipe asks for it and the manifest is missing."""
+def ensure_training_data(recipe: Recipe, progress: bool = True) -> dict | None:
+    """Make the synthetic data set when the recipe asks for it and the manifest is missing (or, in
+    data.synth.out_dir, was made with other settings); its metadata, or None without data.synth."""
     synth = recipe.data.synth
-    if synth is None or (recipe.data.train and Path(recipe.data.train).exists()):
-        return
-    from alm_kit.data.synth import synthesize
+    if synth is None or not isinstance(recipe.data.train, str):
+        return None
+    train = Path(recipe.data.train)
+    if train.exists() and train.resolve().parent != Path(synth.out_dir).resolve():
+        return None
+    from tqdm.auto import tqdm
 
-    synthesize(synth.out_dir, n_train=synth.n_train, n_test=synth.n_test, seed=synth.seed,
-               speech=synth.speech, progress=progress)
+    from alm_kit.data.synth import ensure_synth
+
+    return ensure_synth(synth.out_dir, n_train=synth.n_train, n_test=synth.n_test, seed=synth.seed,
+                        speech=synth.speech, tasks=synth.tasks, progress=progress,
+                        log=tqdm.write if progress else lambda _message: None)
 
 
 def load_examples(recipe: Recipe, path: str, limit: int | None) -> tuple[list[Example], list[str]]:

@@ -24,7 +24,7 @@ import soundfile as sf
 
 from alm_kit.errors import with_choices
 
-__all__ = ["SPEECH_TASK", "SPOKEN_WORDS", "SynthReport", "TASKS", "synthesize"]
+__all__ = ["SPEECH_TASK", "SPOKEN_WORDS", "SynthReport", "TASKS", "ensure_synth", "synth_tasks", "synthesize"]
 
 VERSION = 1
 DATASET_NAME = "alm-kit-synth"
@@ -590,3 +590,27 @@ def synthesize(
     }
     (out / "synth.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return SynthReport(out, train_manifest, test_file, n_train, n_test, chosen, SPEECH_TASK in chosen)
+
+
+def synth_tasks(tasks: Sequence[str] | None = None, speech: bool | None = None) -> list[str]:
+    """The tasks `synthesize` makes with these arguments on this machine (speech=None: iff espeak-ng is installed)."""
+    return _resolve_tasks(tasks, speech, shutil.which("espeak-ng"))
+
+
+def ensure_synth(out_dir: str | Path, *, n_train: int = 2000, n_test: int = 400, seed: int = 0,
+                 speech: bool | None = None, tasks: Sequence[str] | None = None, progress: bool = True,
+                 log: Callable[[str], None] = print) -> dict:
+    """The metadata (synth.json) of a data set made with these arguments, making it when it is missing
+    or was made with other ones (other tasks, seed or sizes), so that a recipe always trains and scores
+    on the set it names, whichever machine made the folder first."""
+    out = Path(out_dir)
+    wanted = {"seed": seed, "n_train": n_train, "n_test": n_test, "tasks": synth_tasks(tasks, speech)}
+    meta_path = out / "synth.json"
+    if (out / "train.jsonl").exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        changed = [f"{key} {meta.get(key)} -> {value}" for key, value in wanted.items() if meta.get(key) != value]
+        if not changed:
+            return meta
+        log(f"{meta_path}: made with other settings ({'; '.join(changed)}): making it again")
+    synthesize(out, n_train=n_train, n_test=n_test, seed=seed, speech=speech, tasks=tasks, progress=progress)
+    return json.loads(meta_path.read_text(encoding="utf-8"))

@@ -59,6 +59,10 @@ class HTSATEncoder(NoAttentionMaps, Encoder):
         spec_augment: bool = True
         #: keep HTS-AT's 32x repeated frames (Mellow) or return one frame per time step
         repeat_frames: bool = True
+        #: LayerNorm on each patch embedding (Swin's ``patch_norm``, HTS-AT's default). It rescales
+        #: every patch to the same size, so a patch 20 dB louder gives much the same token: false
+        #: keeps the level in the tokens (the Swin blocks and the final norm are unchanged)
+        patch_norm: bool = True
         #: HTS-AT AudioSet checkpoint or laion-clap checkpoint (audio branch is taken)
         checkpoint: str | None = None
         init_seed: int = 0
@@ -87,6 +91,8 @@ class HTSATEncoder(NoAttentionMaps, Encoder):
         fix_front_end(self.htsat)
         if not config.spec_augment:
             self.htsat.spec_augmenter = torch.nn.Identity()
+        if not config.patch_norm:  # laion's patch_norm=False would drop every other LayerNorm too
+            self.htsat.patch_embed.norm = torch.nn.Identity()
         if config.checkpoint:
             self.load_checkpoint(config.checkpoint)
         self.spec = AudioSpec(config.sample_rate, config.clip_seconds, config.pad, config.crop)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from alm_kit.config.schema import GenerationConfig
 from alm_kit.errors import AlmKitError
 from alm_kit.evaluation.formats import BenchItem, Benchmark, read_benchmark, write_annotated
-from alm_kit.evaluation.scoring import RULES, accuracy_table, format_table
+from alm_kit.evaluation.scoring import RULES, accuracy_table, format_table, names_a_choice
 from alm_kit.hashing import file_sha256, update_with_file
 from alm_kit.parallel import Ranks, merge_parts, part_path
 from alm_kit.text.mcq import McqTemplate, mcq_prompt, resolve_template, template_from_prompts
@@ -66,7 +66,8 @@ class EvalResult:
             "scoring": self.benchmark.format.scoring, "run_key": self.run_key, "items": len(self.items),
             "reused": self.reused, "table": self.table, "failed": self.failed,
             "predictions": [{"id": item.id, "prediction": self.predictions.get(item.index, ""), "answer": item.answer,
-                             "correct": ok} for item, ok in zip(self.items, self.correct)],
+                             "correct": ok, "is_choice": names_a_choice(self.predictions.get(item.index, ""), item.choices)}
+                            for item, ok in zip(self.items, self.correct)],
         }
 
 
@@ -251,7 +252,10 @@ def evaluate_benchmark(model, gen: GenerationConfig, benchmark: Benchmark | str 
     failed_flags = [item.index in errors for item in items]
     correct = [not bad and rule(item.answer, predictions[item.index], item.choices)
                for item, bad in zip(items, failed_flags)]
-    table = accuracy_table([item.groups for item in items], correct, failed_flags, benchmark.format.groups)
+    stray = [not bad and not names_a_choice(predictions[item.index], item.choices)
+             for item, bad in zip(items, failed_flags)]
+    table = accuracy_table([item.groups for item in items], correct, failed_flags, benchmark.format.groups,
+                           not_a_choice=stray)
     failed = [{"id": item.id, "error": errors[item.index]} for item in items if item.index in errors]
     how = benchmark.format.scoring if method == "generate" else f"most likely option, {benchmark.format.scoring}"
     title = f"{benchmark.format.name}: {benchmark.path.name} ({len(items)} items, {how})"

@@ -68,27 +68,40 @@ def option_match(answer: str, prediction: str, choices: Sequence[str]) -> bool:
 RULES = {"string_match": string_match, "option_match": option_match}
 
 
-def _row(correct: int, total: int, failed: int) -> dict[str, Any]:
-    return {"correct": correct, "total": total, "accuracy": correct / total if total else 0.0, "failed": failed}
+def names_a_choice(prediction: str, choices: Sequence[str]) -> bool:
+    """Whether an answer is exactly one option (as :func:`chosen_option` reads it).
+
+    Not so: run-on answers ("oneone", "one one"), empty ones, sentences. ``string_match`` may still
+    score such an answer correct, so the accuracy table counts them apart.
+    """
+    return chosen_option(prediction, choices) is not None
+
+
+def _row(correct: int, total: int, failed: int, not_a_choice: int = 0) -> dict[str, Any]:
+    return {"correct": correct, "total": total, "accuracy": correct / total if total else 0.0, "failed": failed,
+            "not_a_choice": not_a_choice}
 
 
 def accuracy_table(groups: Sequence[dict[str, str]], correct: Sequence[bool], failed: Sequence[bool],
-                   order: Sequence[str] = ()) -> dict[str, Any]:
+                   order: Sequence[str] = (), not_a_choice: Sequence[bool] | None = None) -> dict[str, Any]:
     """Overall and per-group accuracy; failed items count as wrong (and are counted separately).
 
     ``{"overall": row, field: {value: row}, ...}``, a row being ``{"correct", "total", "accuracy",
-    "failed"}``, for every grouping field with more than one value (``sub-category`` whenever
-    present); fields in ``order`` first, values sorted.
+    "failed", "not_a_choice"}``, for every grouping field with more than one value (``sub-category``
+    whenever present); fields in ``order`` first, values sorted. ``not_a_choice`` flags the answered
+    items whose answer is not exactly one option (:func:`names_a_choice`), counted per row.
     """
-    table: dict[str, Any] = {"overall": _row(sum(correct), len(correct), sum(failed))}
+    off = list(not_a_choice) if not_a_choice is not None else [False] * len(correct)
+    table: dict[str, Any] = {"overall": _row(sum(correct), len(correct), sum(failed), sum(off))}
     fields = list(order) + sorted({k for g in groups for k in g} - set(order))
     for name in fields:
-        counts: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
-        for g, ok, bad in zip(groups, correct, failed):
+        counts: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+        for g, ok, bad, stray in zip(groups, correct, failed, off):
             if name in g:
                 counts[g[name]][0] += int(ok)
                 counts[g[name]][1] += 1
                 counts[g[name]][2] += int(bad)
+                counts[g[name]][3] += int(stray)
         if len(counts) > 1 or (name == "sub-category" and counts):
             table[name] = {v: _row(*counts[v]) for v in sorted(counts)}
     return table
@@ -99,16 +112,23 @@ def group_fields(table: dict[str, Any]) -> list[str]:
     return [k for k in table if k != "overall"]
 
 
+def _notes(row: dict[str, Any], lead: str) -> str:
+    """"1 failed, 3 not a choice" (the counts that are not zero), after ``lead``."""
+    notes = [f"{row[key]} {label}" for key, label in (("failed", "failed"), ("not_a_choice", "not a choice"))
+             if row.get(key)]
+    return lead + ", ".join(notes) if notes else ""
+
+
 def format_table(table: dict[str, Any], title: str | None = None) -> str:
     """Markdown: the overall line, then one table per grouping."""
     row = table["overall"]
-    failed = f", {row['failed']} failed" if row.get("failed") else ""
     lines = ([f"### {title}", ""] if title else []) + [
-        f"**overall: {row['accuracy']:.2%}** ({row['correct']} / {row['total']}{failed})"]
+        f"**overall: {row['accuracy']:.2%}** ({row['correct']} / {row['total']}{_notes(row, ', ')})"]
     for name in group_fields(table):
         rows = table[name]
         lines += ["", f"| {name} | accuracy | correct / total |", "|---|---:|---:|"]
         for value, r in rows.items():
-            extra = f" ({r['failed']} failed)" if r.get("failed") else ""
-            lines.append(f"| {value} | {r['accuracy']:.2%} | {r['correct']} / {r['total']}{extra} |")
+            extra = _notes(r, "")
+            lines.append(f"| {value} | {r['accuracy']:.2%} | {r['correct']} / {r['total']}"
+                         f"{f' ({extra})' if extra else ''} |")
     return "\n".join(lines)

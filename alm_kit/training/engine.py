@@ -488,7 +488,10 @@ class Trainer:
             raise ValueError("the recipe names no training data: set data.train "
                              "(and data.synth to generate the synthetic set there)")
         with self._main_first():
-            ensure_training_data(recipe, self.progress)
+            made = ensure_training_data(recipe, self.progress)
+        if made:
+            self.log(f"data: synthetic set {recipe.data.synth.out_dir} (seed {made['seed']}, {made['n_train']} "
+                     f"training / {made['n_test']} test items), tasks: {', '.join(made['tasks'])}")
         shards = shard_paths(recipe.data.train)  # None: a manifest
         examples, problems = ([], []) if shards else load_examples(recipe, recipe.data.train,
                                                                     recipe.data.max_train_examples)

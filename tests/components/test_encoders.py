@@ -484,3 +484,26 @@ def test_building_laion_encoders_shows_no_meshgrid_warning_but_other_calls_still
         assert not [w for w in caught if "meshgrid" in str(w.message)]
         torch.meshgrid(torch.arange(2), torch.arange(2))  # a user's own call still warns
     assert len([w for w in caught if "meshgrid" in str(w.message)]) == 1
+
+
+@pytest.mark.parametrize("patch_norm", [True, False])
+def test_htsat_patch_norm_false_keeps_the_input_level_in_the_patch_tokens(patch_norm):
+    """The same noise 10 and 20 dB louder: the log-mel moves by exactly 10 and 20 dB. Without the patch
+    LayerNorm every patch token moves along a fixed direction in proportion (the level can be read off
+    linearly); with it each token is rescaled to unit spread, whatever the level (the HTS-AT default)."""
+    enc = HTSATEncoder(HTSATEncoder.Config(**dict(TINY_HTSAT, patch_norm=patch_norm))).eval()
+    tokens = []
+    enc.htsat.patch_embed.register_forward_hook(lambda module, args, out: tokens.append(out))
+    clip = noise(2.0, 16000)
+    with torch.no_grad():
+        for gain_db in (0, 10, 20):
+            enc(clip[None] * 10 ** (gain_db / 20), torch.tensor([clip.numel()]))
+    quiet, louder, loudest = tokens
+    if patch_norm:
+        for t in tokens:  # LayerNorm (weight 1, bias 0 at initialisation): every token has unit spread
+            torch.testing.assert_close(t.std(-1, unbiased=False), torch.ones_like(t[..., 0]), atol=1e-3, rtol=0)
+        assert (loudest - quiet - 2 * (louder - quiet)).abs().max() > 0.1 * (louder - quiet).abs().max()
+    else:
+        step = louder - quiet
+        assert step.abs().max() > 0.1
+        torch.testing.assert_close(loudest - quiet, 2 * step, atol=1e-3, rtol=1e-3)

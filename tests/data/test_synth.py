@@ -453,3 +453,63 @@ def test_spoken_word_with_fake_espeak(tmp_path: Path, monkeypatch: pytest.Monkey
         x = read(path)
         assert len(x) == int(CLIP_S * SR)
         assert abs(dominant_freq(x) - (300.0 + 150.0 * SPOKEN_WORDS.index(answer))) < 10
+
+
+def _with_fake_espeak(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    fake = bindir / "espeak-ng"
+    fake.write_text(FAKE_ESPEAK.format(python=sys.executable, words=list(SPOKEN_WORDS)))
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", str(bindir))
+
+
+RECIPES = Path(__file__).parents[1] / "recipes"
+
+
+@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(RECIPES)) for p in RECIPES.rglob("*.yaml")
+                                          if "common" not in p.parts))  # common/: parts, not recipes
+def test_shipped_recipes_pin_the_task_set(recipe: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recipe that makes the synthetic set says whether it has spoken words, so that it trains on
+    the same tasks whether or not espeak-ng is installed."""
+    from alm_kit.config.loader import load_recipe
+
+    synth_cfg = load_recipe(RECIPES / recipe).data.synth
+    if synth_cfg is None:
+        return
+    assert synth_cfg.speech is not None, f"{recipe}: set data.synth.speech (true or false)"
+    monkeypatch.setenv("PATH", str(tmp_path))  # no espeak-ng
+    without = synth.synth_tasks(synth_cfg.tasks, synth_cfg.speech) if not synth_cfg.speech else None
+    _with_fake_espeak(tmp_path, monkeypatch)
+    assert without is None or synth.synth_tasks(synth_cfg.tasks, synth_cfg.speech) == without
+
+
+def test_ensure_synth_remakes_a_set_made_with_other_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _with_fake_espeak(tmp_path, monkeypatch)
+    out, logs = tmp_path / "data", []
+    meta = synth.ensure_synth(out, n_train=3, n_test=2, progress=False, log=logs.append)  # speech=None: espeak found
+    assert meta["tasks"] == SOUND_TASKS + ["spoken_word"] and logs == []
+    stamp = (out / "train.jsonl").stat().st_mtime_ns
+    assert synth.ensure_synth(out, n_train=3, n_test=2, progress=False, log=logs.append) == meta
+    assert (out / "train.jsonl").stat().st_mtime_ns == stamp and logs == []  # the same settings: kept
+    meta = synth.ensure_synth(out, n_train=3, n_test=2, speech=False, progress=False, log=logs.append)
+    assert meta["tasks"] == SOUND_TASKS and "spoken_word" not in (out / "train.jsonl").read_text()
+    assert len(logs) == 1 and "tasks" in logs[0] and "making it again" in logs[0]
+    meta = synth.ensure_synth(out, n_train=5, n_test=2, speech=False, progress=False, log=logs.append)
+    assert meta["n_train"] == 5 and len((out / "train.jsonl").read_text().splitlines()) == 5
+    assert "n_train 3 -> 5" in logs[-1]
+
+
+def test_training_data_reports_its_task_set(tmp_path: Path) -> None:
+    from alm_kit.config.loader import recipe_from_dict
+    from alm_kit.data.loading import ensure_training_data
+    from tests.conftest import tiny_recipe_dict
+
+    out = tmp_path / "data"
+    raw = tiny_recipe_dict()
+    raw["data"] = {"train": str(out / "train.jsonl"), "synth": {
+        "out_dir": str(out), "n_train": 4, "n_test": 1, "speech": False, "tasks": ["loudness", "count_beeps"]}}
+    meta = ensure_training_data(recipe_from_dict(raw), progress=False)
+    assert meta["tasks"] == ["loudness", "count_beeps"] and meta["n_train"] == 4
+    del raw["data"]["synth"]
+    assert ensure_training_data(recipe_from_dict(raw), progress=False) is None  # no data.synth: nothing to report

@@ -80,8 +80,10 @@ def test_scores_lists_failures_and_writes_files(bench, engine, tmp_path):
     assert [f["id"] for f in result.failed] == ["q4", "q5"]
     assert "audio file not found" in result.failed[0]["error"] and "cannot decode" in result.failed[1]["error"]
     table = result.table
-    assert table["overall"] == {"correct": 2, "total": 5, "accuracy": 0.4, "failed": 2}
-    assert table["task"]["music"] == {"correct": 1, "total": 2, "accuracy": 0.5, "failed": 1}
+    # "A dog." and "a hot dog" are not exactly an option ("a minor." is: case and punctuation aside)
+    assert table["overall"] == {"correct": 2, "total": 5, "accuracy": 0.4, "failed": 2, "not_a_choice": 2}
+    assert table["task"]["music"] == {"correct": 1, "total": 2, "accuracy": 0.5, "failed": 1, "not_a_choice": 0}
+    assert table["task"]["sound"]["not_a_choice"] == 2
     assert [k for k in table if k != "overall"] == ["task", "difficulty"]
     # the annotated file: every item asked, MMAU's official key, "" for failed items (the official script counts
     # them wrong too); re-scoring it with the rule gives the same table
@@ -91,7 +93,8 @@ def test_scores_lists_failures_and_writes_files(bench, engine, tmp_path):
     summary = json.loads((out / "results.json").read_text())
     assert summary["table"] == table and summary["format"] == "mmau" and summary["template"] == "mellow"
     assert [p["correct"] for p in summary["predictions"]] == result.correct
-    assert "**overall: 40.00%** (2 / 5, 2 failed)" in result.markdown
+    assert [p["is_choice"] for p in summary["predictions"]] == [False, False, True, False, False]
+    assert "**overall: 40.00%** (2 / 5, 2 failed, 2 not a choice)" in result.markdown
 
 
 def test_rerun_reuses_answers_of_the_same_checkpoint_and_settings(bench, engine, tmp_path):
@@ -196,6 +199,10 @@ def test_cli_eval_on_two_audio_jsonl(checkpoint, tmp_path, capsys):
     out = checkpoint / "eval" / "pairs"  # default output folder
     summary = json.loads((out / "results.json").read_text())
     assert summary["items"] == 4 and summary["table"]["overall"]["failed"] == 1 and summary["template"] == "mellow"
+    # answers of the random model that are not exactly an option are counted as such (the failed item apart)
+    strays = [p for p in summary["predictions"] if p["id"] != "gone" and not p["is_choice"]]
+    assert strays and summary["table"]["overall"]["not_a_choice"] == len(strays)
+    assert f"{len(strays)} not a choice" in captured.out
     annotated = [json.loads(line) for line in (out / "pairs.predictions.jsonl").read_text().splitlines()]
     assert [r["id"] for r in annotated] == ["p0", "p1", "p2", "gone"]
     assert all(isinstance(r["model_prediction"], str) for r in annotated) and annotated[3]["model_prediction"] == ""

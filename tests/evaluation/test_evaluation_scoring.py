@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from alm_kit.evaluation.scoring import accuracy_table, chosen_option, format_table, option_match, string_match
+from alm_kit.evaluation.scoring import (
+    accuracy_table,
+    chosen_option,
+    format_table,
+    names_a_choice,
+    option_match,
+    string_match,
+)
 from alm_kit.text.mcq import check_template, mcq_prompt, resolve_template
 
 PEOPLE = ["man", "woman", "man and woman", "child"]
@@ -66,14 +73,31 @@ def test_accuracy_table_groups_and_failed_items():
     groups = [{"task": "sound", "difficulty": "easy"}, {"task": "sound", "difficulty": "hard"},
               {"task": "music", "difficulty": "easy"}, {"task": "music"}]
     table = accuracy_table(groups, [True, False, True, False], [False, False, False, True], order=("task",))
-    assert table["overall"] == {"correct": 2, "total": 4, "accuracy": 0.5, "failed": 1}
+    assert table["overall"] == {"correct": 2, "total": 4, "accuracy": 0.5, "failed": 1, "not_a_choice": 0}
     assert [k for k in table if k != "overall"] == ["task", "difficulty"]
-    assert table["task"]["music"] == {"correct": 1, "total": 2, "accuracy": 0.5, "failed": 1}
-    assert table["difficulty"] == {"easy": {"correct": 2, "total": 2, "accuracy": 1.0, "failed": 0},
-                                             "hard": {"correct": 0, "total": 1, "accuracy": 0.0, "failed": 0}}
+    assert table["task"]["music"] == {"correct": 1, "total": 2, "accuracy": 0.5, "failed": 1, "not_a_choice": 0}
+    assert table["difficulty"] == {"easy": {"correct": 2, "total": 2, "accuracy": 1.0, "failed": 0, "not_a_choice": 0},
+                                   "hard": {"correct": 0, "total": 1, "accuracy": 0.0, "failed": 0, "not_a_choice": 0}}
     text = format_table(table, "mmau: x.json")
     assert text.startswith("### mmau: x.json\n\n**overall: 50.00%** (2 / 4, 1 failed)")
     assert "| music | 50.00% | 1 / 2 (1 failed) |" in text and "| hard | 0.00% | 0 / 1 |" in text
+
+
+def test_run_on_answers_are_counted_as_not_a_choice():
+    choices = ["one", "two", "three", "four"]
+    answers = ["one", "oneone", "one one", "", "Two.", "b", "it is three"]
+    flags = [not names_a_choice(a, choices) for a in answers]
+    assert flags == [False, True, True, True, False, False, True]
+    # string_match scores "one one" correct: the table still says that it is not a choice
+    correct = [string_match("one", a, choices) for a in answers]
+    assert correct[:3] == [True, False, True]
+    groups = [{"task": "count"}] * 5 + [{"task": "pitch"}] * 2
+    table = accuracy_table(groups, correct, [False] * 7, order=("task",), not_a_choice=flags)
+    assert table["overall"]["not_a_choice"] == 4
+    assert table["task"]["count"]["not_a_choice"] == 3 and table["task"]["pitch"]["not_a_choice"] == 1
+    text = format_table(table)
+    assert text.splitlines()[0] == "**overall: 28.57%** (2 / 7, 4 not a choice)"
+    assert "| count | 40.00% | 2 / 5 (3 not a choice) |" in text
 
 
 def test_mcq_prompts():

@@ -35,7 +35,9 @@ def tone_manifest(folder: Path, n: int = 8) -> Path:
 
 
 def tiny_recipe(path: Path, data: Path, run_dir: Path, *extra: str):
+    # init_from=null: the frozen parts random (tiny.yaml takes them from recipes/tinygiant/tiny.yaml's run)
     return load_recipe(path, [f"data.train={data}", "data.eval=null", "data.synth=null", "training.max_steps=3",
+                              "training.init_from=null",
                               "training.batch_size=4", "training.warmup_steps=0", "training.device=cpu",
                               f"training.output_dir={run_dir}", *extra])
 
@@ -176,7 +178,7 @@ def test_generate_cli_answers_with_the_tiny_alarm_checkpoint(trained, tmp_path, 
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     alm = ALM.from_pretrained(result.checkpoint, device="cpu")
-    assert alm.recipe.generation.thinking is True  # the recipe's defaults reach the CLI
+    assert alm.recipe.generation.thinking is False  # the recipe's defaults (non-thinking mode) reach the CLI
     direct = alm.generate([clip], "high or low?", max_new_tokens=10, thinking_budget=4)
     assert out["text"] == direct.text and out["finish_reason"] == direct.finish_reason
 
@@ -438,3 +440,20 @@ def test_rephrase_with_the_real_smollm2(tmp_path):
     for r in records:
         if "response" in r:
             assert r["response"].strip() and "<rewrite>" not in r["response"] and "<think>" not in r["response"]
+
+
+def test_tiny_takes_its_frozen_parts_from_the_tiny_tinygiant_run():
+    """tiny.yaml's frozen encoders and decoder are tinygiant/tiny.yaml's trained ones (training.init_from):
+    every tensor it takes must exist there with the same shape, and both ask the synthetic test alike."""
+    from alm_kit.model import build_model
+
+    alarm = load_recipe(TINY, ["data.synth=null"])
+    source = load_recipe(RECIPES / "tinygiant" / "tiny.yaml", ["data.synth=null"])
+    assert alarm.training.init_from == f"runs/{source.name}"
+    theirs = build_model(source.model).state_dict()
+    ours = build_model(alarm.model).state_dict()
+    taken = {k: v for k, v in ours.items() if any(k.startswith(c + ".") for c in alarm.training.init_components)}
+    assert {k for k in taken if k not in theirs} == {"encoders.whisper.layer_weights"}  # ALARM's own mix
+    assert all(theirs[k].shape == v.shape for k, v in taken.items() if k in theirs)
+    assert {c.split(".")[0] for c in alarm.training.init_components} == {"encoders", "decoder"}
+    assert alarm.generation.mcq_template == source.generation.mcq_template == "mellow"

@@ -110,6 +110,7 @@ def test_the_demo_recipe_under_torchrun_matches_one_process(tmp_path):
     data = tmp_path / "data"
     overrides = ["model.projector.params.dropout=0.0", "training.max_steps=3", "training.batch_size=2", "training.warmup_steps=1", "training.log_every=1",
                  "training.num_threads=1", "data.eval=null", "training.device=cpu", f"data.synth.out_dir={data}",
+                 "data.synth.n_train=32", "data.synth.n_test=4",  # as the single run's: its data is reused
                  f"data.train={data}/train.jsonl", f"training.output_dir={tmp_path / 'ddp'}"]
     recipe = os.path.join(os.getcwd(), "recipes", "demo.yaml")
     out = torchrun("-m", "alm_kit", "train", recipe, *overrides, cwd=tmp_path)
