@@ -179,14 +179,21 @@ class CausalLMDecoder(Decoder):
         return self.lm.get_input_embeddings()(token_ids)
 
     def forward(self, inputs_embeds, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
-        out = self.lm.get_decoder()(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-        )
-        return out.last_hidden_state, (out.past_key_values if use_cache else None)
+        body = self.lm.get_decoder()
+        cache_arg = _cache_argument(type(body))  # "cache" since transformers 5.x, "past_key_values" before
+        out = body(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=use_cache, **({cache_arg: past_key_values} if past_key_values is not None else {}))
+        return out.last_hidden_state, (out[cache_arg] if use_cache else None)
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm.get_output_embeddings()(hidden)
+
+
+@lru_cache(maxsize=None)
+def _cache_argument(body: type) -> str:
+    """The name under which a transformers decoder body takes and returns its KV cache: ``cache`` in
+    current transformers (passing ``past_key_values`` there prints a FutureWarning on every call),
+    ``past_key_values`` in older releases."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"

@@ -67,6 +67,28 @@ def test_tiny_decoder_embeds_path_matches_the_language_model(family):
         torch.testing.assert_close(dec.logits(hidden), dec.lm(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_cached_decoding_uses_the_current_cache_api_without_warnings(family):
+    """Prefill then two cached steps: no deprecation warning from transformers (it warned on every call
+    that passed ``past_key_values``), and the cached steps give the full-sequence hidden states."""
+    import warnings
+
+    dec = decoder(family)
+    embeds = dec.embed(torch.tensor([dec.tokenizer.encode("the tone is high and short", add_special_tokens=False)]))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        full, _ = dec(embeds)
+        hidden, cache = dec(embeds[:, :-2], use_cache=True)
+        assert cache is not None
+        for k in (-2, -1):
+            positions = torch.tensor([[embeds.shape[1] + k]])
+            step, cache = dec(embeds[:, k:k + 1 or None], position_ids=positions, past_key_values=cache,
+                              use_cache=True)
+            hidden = torch.cat([hidden, step], 1)
+    torch.testing.assert_close(hidden, full, atol=1e-5, rtol=1e-5)
+
+
 def test_tiny_tokenizer_flavours():
     smol, qwen = build_tiny_tokenizer(), build_tiny_tokenizer(flavour="tiny-qwen3")
     assert smol.get_vocab() == qwen.get_vocab()  # one vocabulary, two conventions
