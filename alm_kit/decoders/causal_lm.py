@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -189,7 +189,7 @@ class CausalLMDecoder(Decoder):
         return self.lm.get_output_embeddings()(hidden)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cache_argument(body: type) -> str:
     """The name under which a transformers decoder body takes and returns its KV cache: ``cache`` in
     current transformers (passing ``past_key_values`` there prints a FutureWarning on every call),
