@@ -526,7 +526,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     from alm_kit.data.synth import synthesize
 
     report = synthesize(args.out_dir, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
-                        speech=args.speech, progress=not args.quiet)
+                        speech=args.speech, progress=not args.quiet, workers=args.workers)
     print(f"wrote {report.n_train} training examples to {report.train_manifest}")
     print(f"wrote {report.n_test} test items to {report.test_file}")
     print(f"tasks: {', '.join(report.tasks)}")
@@ -554,6 +554,8 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speech", action=argparse.BooleanOptionalAction, default=None,
                    help="spoken-word items with espeak-ng (default: when it is installed)")
+    p.add_argument("--workers", type=int, help="processes (default: the usable CPUs, at most 8); "
+                   "the data set is the same for any number")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_data_synth)
 

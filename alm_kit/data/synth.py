@@ -12,11 +12,12 @@ Signals are generated with numpy only; each item draws from its own generator se
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -515,6 +516,34 @@ def _test_record(index: int, task: str, fields: dict, rel: list[str]) -> dict:
     return rec
 
 
+#: items per job sent to a worker process (enough that the cost of sending a job is small)
+_CHUNK = 200
+
+
+def _write_items(split: str, start: int, stop: int, chosen: Sequence[str], seed: int, ctx: _Ctx,
+                 audio_dir: Path) -> list[tuple[str, dict, list[str]]]:
+    """Items ``start .. stop - 1`` of a split: (task, record fields, audio paths) each. A worker's
+    scratch files (espeak-ng's output) go to a folder of its own."""
+    if ctx.tmp_dir is not None:
+        own = ctx.tmp_dir / f"worker-{os.getpid()}"
+        own.mkdir(exist_ok=True)
+        ctx = replace(ctx, tmp_dir=own)
+    out = []
+    for i in range(start, stop):
+        task = chosen[i % len(chosen)]
+        out.append((task, *_write_item(split, i, task, seed, ctx, audio_dir)))
+    return out
+
+
+def default_workers() -> int:
+    """Processes for `synthesize`: the CPUs this process may use, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -540,11 +569,13 @@ def synthesize(
     speech: bool | None = None,
     tasks: Sequence[str] | None = None,
     progress: bool = True,
+    workers: int | None = None,
 ) -> SynthReport:
     """Write a synthetic audio-QA dataset (wavs, train.jsonl, test.json, synth.json) to `out_dir`.
 
     Items are assigned to tasks round-robin by index; item `i` of a split depends only on
-    `(seed, split, i)` and its task. Existing files with the same names are overwritten.
+    `(seed, split, i)` and its task, so the set is the same for any number of `workers` (processes;
+    default: the usable CPUs, at most 8). Existing files with the same names are overwritten.
     """
     from tqdm.auto import tqdm
 
@@ -557,21 +588,41 @@ def synthesize(
     counts: dict[str, dict[str, int]] = {"train": {t: 0 for t in chosen}, "test": {t: 0 for t in chosen}}
     train_lines: list[str] = []
     test_records: list[dict] = []
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise ValueError("workers must be >= 1")
+    jobs = [(split, start, min(start + _CHUNK, n)) for split, n in (("train", n_train), ("test", n_test))
+            for start in range(0, n, _CHUNK)]
     with (
         tempfile.TemporaryDirectory(prefix="alm_synth_") as tmp,
         tqdm(total=n_train + n_test, desc="synth", unit="item", disable=not progress) as bar,
     ):
         ctx = _Ctx(sample_rate, int(round(clip_seconds * sample_rate)), espeak, Path(tmp))
-        for split, n in (("train", n_train), ("test", n_test)):
-            for i in range(n):
-                task = chosen[i % len(chosen)]
-                fields, rel = _write_item(split, i, task, seed, ctx, audio_dir)
-                counts[split][task] += 1
-                if split == "train":
-                    train_lines.append(json.dumps(_train_record(i, task, fields, rel)))
-                else:
-                    test_records.append(_test_record(i, task, fields, rel))
-                bar.update(1)
+        pool = None
+        if workers > 1 and len(jobs) > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # fork where there is one (as torch's DataLoader does): no main-module guard needed, and the
+            # workers use only numpy and soundfile, never the parent's torch thread pools
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context(method))
+        try:
+            futures = [pool.submit(_write_items, *job, chosen, seed, ctx, audio_dir) if pool else job
+                       for job in jobs]
+            for job, future in zip(jobs, futures):
+                split, start, _stop = job
+                done = future.result() if pool else _write_items(*job, chosen, seed, ctx, audio_dir)
+                for i, (task, fields, rel) in enumerate(done, start):
+                    counts[split][task] += 1
+                    if split == "train":
+                        train_lines.append(json.dumps(_train_record(i, task, fields, rel)))
+                    else:
+                        test_records.append(_test_record(i, task, fields, rel))
+                bar.update(len(done))
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
     train_manifest = out / "train.jsonl"
     test_file = out / "test.json"
     train_manifest.write_text("".join(line + "\n" for line in train_lines), encoding="utf-8")

@@ -269,6 +269,35 @@ def test_deterministic(tmp_path: Path) -> None:
     assert a.train_manifest.read_text() != c.train_manifest.read_text()
 
 
+def test_worker_processes_make_the_same_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Items are made in jobs of _CHUNK by worker processes: byte for byte the set one process makes."""
+    import concurrent.futures
+
+    import alm_kit.data.synth as synth
+
+    pools = []
+
+    class Counting(concurrent.futures.ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            pools.append(args[0] if args else kwargs.get("max_workers"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Counting)
+    monkeypatch.setattr(synth, "_CHUNK", 4)
+    kwargs = {"n_train": 14, "n_test": 7, "progress": False, "speech": False, "seed": 3}
+    one = synthesize(tmp_path / "one", workers=1, **kwargs)
+    assert pools == []
+    many = synthesize(tmp_path / "many", workers=3, **kwargs)
+    assert pools == [3]
+    assert one.train_manifest.read_text() == many.train_manifest.read_text()
+    assert one.test_file.read_text() == many.test_file.read_text()
+    assert (one.out_dir / "synth.json").read_text() == (many.out_dir / "synth.json").read_text()
+    wavs = sorted(p.name for p in (one.out_dir / "audio").iterdir())
+    assert wavs == sorted(p.name for p in (many.out_dir / "audio").iterdir()) and len(wavs) == 14 + 7 + 6
+    for name in wavs:
+        assert (one.out_dir / "audio" / name).read_bytes() == (many.out_dir / "audio" / name).read_bytes()
+
+
 def test_item_independent_of_split_sizes(tmp_path: Path) -> None:
     small = synthesize(tmp_path / "s", n_train=7, n_test=0, seed=1, speech=False, progress=False)
     big = synthesize(tmp_path / "b", n_train=21, n_test=3, seed=1, speech=False, progress=False)
@@ -398,7 +427,7 @@ def test_task_subset(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"n_train": -1}, {"clip_seconds": 1.0}, {"sample_rate": 4000}, {"seed": -2}, {"tasks": []}],
+    [{"n_train": -1}, {"clip_seconds": 1.0}, {"sample_rate": 4000}, {"seed": -2}, {"tasks": []}, {"workers": 0}],
 )
 def test_bad_arguments(tmp_path: Path, kwargs: dict) -> None:
     with pytest.raises(ValueError):
