@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -608,11 +609,10 @@ def synthesize(
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context(method))
         try:
-            futures = [pool.submit(_write_items, *job, chosen, seed, ctx, audio_dir) if pool else job
-                       for job in jobs]
-            for job, future in zip(jobs, futures):
-                split, start, _stop = job
-                done = future.result() if pool else _write_items(*job, chosen, seed, ctx, audio_dir)
+            make = partial(_write_items, chosen=chosen, seed=seed, ctx=ctx, audio_dir=audio_dir)
+            columns = list(zip(*jobs)) or [(), (), ()]  # splits, starts, stops
+            made = pool.map(make, *columns) if pool else map(make, *columns)  # both in job order
+            for (split, start, _stop), done in zip(jobs, made):
                 for i, (task, fields, rel) in enumerate(done, start):
                     counts[split][task] += 1
                     if split == "train":
