@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from alm_kit.workflows.compare import Comparison
+    from alm_kit.workflows.comparison import Comparison
 
 #: offsets (points) tried for a label, nearest first: right, left, above, below, then the diagonals
 _DIRECTIONS = ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, 1), (1, -1), (-1, -1))

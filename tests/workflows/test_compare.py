@@ -16,7 +16,8 @@ from alm_kit.cli import main
 from alm_kit.config.loader import load_recipe
 from alm_kit.evaluation.statistics import bootstrap_interval, paired_bootstrap_p
 from alm_kit.model import build_model
-from alm_kit.workflows.compare import CompareResult, Comparison, SeedRun, format_markdown, group_columns
+from alm_kit.workflows.compare import format_markdown
+from alm_kit.workflows.comparison import CompareResult, Comparison, SeedRun, group_columns
 from tests.conftest import tiny_recipe_dict, write_tone
 
 PROJECTORS = {
