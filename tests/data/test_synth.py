@@ -291,6 +291,10 @@ def test_worker_processes_make_the_same_set(tmp_path: Path, monkeypatch: pytest.
     assert pools == [3]
     assert one.train_manifest.read_text() == many.train_manifest.read_text()
     assert one.test_file.read_text() == many.test_file.read_text()
+    # records of later jobs keep their item index: ids and wav names run on across jobs
+    records = [json.loads(line) for line in many.train_manifest.read_text().splitlines()]
+    assert [r["id"] for r in records] == [f"train-{i:06d}" for i in range(14)]
+    assert all(f"train_{i:06d}_a.wav" in str(r["audio"]) for i, r in enumerate(records))
     assert (one.out_dir / "synth.json").read_text() == (many.out_dir / "synth.json").read_text()
     wavs = sorted(p.name for p in (one.out_dir / "audio").iterdir())
     assert wavs == sorted(p.name for p in (many.out_dir / "audio").iterdir()) and len(wavs) == 14 + 7 + 6
