@@ -1,6 +1,6 @@
 """Generation speed on a full-size Mellow architecture (random weights): three ways, one process.
 
-    python benchmarks/generate_speed.py [--batch 8] [--new-tokens 64] [--ref-tokens 16] [--threads 2] [--dtype bf16]
+    python benchmarks/generate_speed.py [--batch 8] [--new-tokens 64] [--ref-tokens 16] [--repeats 3] [--threads 2] [--dtype bf16]
 
 (a) the reference Mellow method: the two audio slots encoded in separate calls, no KV cache,
     the whole sequence re-run for every new token, greedy;
@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -191,7 +192,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--ref-tokens", type=int, default=16)
+    parser.add_argument("--ref-tokens", type=int, default=16, help="new tokens of (a), run once; 0 skips (a)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of (b) and (c), in alternating order")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--encoder-batch", default="auto", type=lambda v: v if v in ("auto", "all") else int(v),
                         help="the engine's generation.encoder_batch: auto, all or clips per encoder pass")
@@ -213,33 +215,51 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, batch {args.batch} x 2 audios")
     reqs = requests(args.batch)
     engine = InferenceEngine(model, recipe.generation)
+    hf_timings: dict[str, float] = {}
+    timed = {"(b)": lambda: method_hf(model, reqs, args.new_tokens, hf_timings),
+             "(c)": lambda: method_engine(engine, reqs, args.new_tokens, args.encoder_batch)}
+    seconds: dict[str, list[float]] = {"(b)": [], "(c)": []}
+    parts: dict[str, list[dict]] = {"(b)": [], "(c)": []}
+    outputs = {}
     with torch.no_grad():
-        method_engine(engine, reqs[:2], 2)  # warm-up (allocator, kernels), not timed
-        rows = []
-        outputs = {}
-        hf_timings: dict[str, float] = {}
-        for label, run, n in (("(a) reference: no KV cache", lambda: method_reference(model, reqs, args.ref_tokens),
-                               args.ref_tokens),
-                              ("(b) transformers generate", lambda: method_hf(model, reqs, args.new_tokens, hf_timings),
-                               args.new_tokens),
-                              ("(c) alm-kit engine",
-                               lambda: method_engine(engine, reqs, args.new_tokens, args.encoder_batch),
-                               args.new_tokens)):
+        # warm-up of both, not timed: allocator, oneDNN primitives, thread pools
+        method_hf(model, reqs[:2], 2)
+        method_engine(engine, reqs[:2], 2)
+        if args.ref_tokens:
             start = time.perf_counter()
-            outputs[label[:3]] = run()
-            seconds = time.perf_counter() - start
-            rows.append((label, n, seconds, args.batch * n / seconds))
-    a, b, c = outputs["(a)"], outputs["(b)"], outputs["(c)"]
+            outputs["(a)"] = method_reference(model, reqs, args.ref_tokens)
+            ref_seconds = time.perf_counter() - start
+        # (b) and (c) in alternating order, round after round: on a shared machine the speed drifts
+        # within minutes, so each round's ratio compares two runs made moments apart
+        for r in range(args.repeats):
+            for key in (("(b)", "(c)") if r % 2 == 0 else ("(c)", "(b)")):
+                start = time.perf_counter()
+                outputs[key] = timed[key]()
+                seconds[key].append(time.perf_counter() - start)
+                parts[key].append(dict(hf_timings) if key == "(b)" else dict(engine.last_timings))
+    ratios = [b / c for b, c in zip(seconds["(b)"], seconds["(c)"])]
+    b, c = outputs["(b)"], outputs["(c)"]
     agree_bc = sum(x == y for x, y in zip(b, c))
-    agree_ac = sum(x[: args.ref_tokens] == y[: args.ref_tokens] for x, y in zip(a, c))
-    print(f"\n{'method':<30} {'new tok':>8} {'seconds':>8} {'tok/s':>8}")
-    for label, n, seconds, rate in rows:
-        print(f"{label:<30} {n:>8} {seconds:>8.2f} {rate:>8.1f}")
-    rate = {r[0][:3]: r[3] for r in rows}
-    print(f"\n(c)/(b) = {rate['(c)'] / rate['(b)']:.2f}x (target >= 1.3x)    (c)/(a) = {rate['(c)'] / rate['(a)']:.1f}x")
-    t = engine.last_timings
-    print(f"where the time went: (b) audio + prefix {hf_timings['prefix']:.2f} s, generate (prefill + "
-          f"{args.new_tokens - 1} steps) {hf_timings['generate']:.2f} s;  (c) audio {t['audio']:.2f} s, layout "
+    tokens = args.batch * args.new_tokens
+    print(f"\n{'method':<30} {'new tok':>8} {'seconds':>8} {'tok/s':>8}   (median of {args.repeats} rounds; range)")
+    if args.ref_tokens:
+        print(f"{'(a) reference: no KV cache':<30} {args.ref_tokens:>8} {ref_seconds:>8.2f} "
+              f"{args.batch * args.ref_tokens / ref_seconds:>8.1f}   (one run)")
+    for key, label in (("(b)", "(b) transformers generate"), ("(c)", "(c) alm-kit engine")):
+        s = seconds[key]
+        print(f"{label:<30} {args.new_tokens:>8} {median(s):>8.2f} {tokens / median(s):>8.1f}   "
+              f"{tokens / max(s):.1f}-{tokens / min(s):.1f} tok/s")
+    print(f"\n(c)/(b) = {median(ratios):.2f}x, median of the rounds' ratios (rounds: "
+          f"{', '.join(f'{x:.2f}' for x in ratios)}; target >= 1.3x)", end="")
+    if args.ref_tokens:
+        rate_a = args.batch * args.ref_tokens / ref_seconds
+        print(f"    (c)/(a) = {tokens / median(seconds['(c)']) / rate_a:.1f}x")
+    else:
+        print()
+    hf = {k: median(p[k] for p in parts["(b)"]) for k in ("prefix", "generate")}
+    t = {k: median(p[k] for p in parts["(c)"]) for k in ("audio", "layout", "prefill", "decode", "steps")}
+    print(f"where the time went (medians): (b) audio + prefix {hf['prefix']:.2f} s, generate (prefill + "
+          f"{args.new_tokens - 1} steps) {hf['generate']:.2f} s;  (c) audio {t['audio']:.2f} s, layout "
           f"{t['layout']:.2f} s, prefill {t['prefill']:.2f} s, {t['steps']:.0f} steps {t['decode']:.2f} s "
           f"({t['decode'] / max(t['steps'], 1) * 1e3:.1f} ms/step), encoder_batch {args.encoder_batch}")
     if not args.no_memory:
@@ -252,8 +272,11 @@ def main() -> None:
             print(f"  ({method}) peak RSS {m['peak'] / 1024:>6.0f}   above the loaded model {run / 2**20:>6.0f}   "
                   f"model + run {used / 2**20:>6.0f} = {used / weights:.2f} x the weights"
                   + ("  (target <= 2)" if method == "c" else ""))
-    print(f"greedy tokens agree: (b) vs (c) {agree_bc}/{len(b)} rows, (a) vs (c) first {args.ref_tokens} tokens "
-          f"{agree_ac}/{len(a)} rows")
+    line = f"greedy tokens agree: (b) vs (c) {agree_bc}/{len(b)} rows"
+    if args.ref_tokens:
+        agree_ac = sum(x[: args.ref_tokens] == y[: args.ref_tokens] for x, y in zip(outputs["(a)"], c))
+        line += f", (a) vs (c) first {args.ref_tokens} tokens {agree_ac}/{len(c)} rows"
+    print(line)
 
 
 if __name__ == "__main__":
