@@ -72,6 +72,15 @@ class HTSATEncoder(NoAttentionMaps, Encoder):
                 raise ValueError("depths and num_heads must have the same length")
             if self.spec_size % self.mel_bins:
                 raise ValueError("spec_size must be a multiple of mel_bins (HTS-AT folds time into frequency)")
+            # HTS-AT folds (time x mel) into a spec_size x spec_size image: at most spec_size * (spec_size /
+            # mel_bins) mel frames fit (laion's own check is a bare assert at the first forward)
+            fits = self.spec_size * (self.spec_size // self.mel_bins)
+            frames = int(round(self.clip_seconds * self.sample_rate)) // self.hop_size + 1
+            if frames > fits:
+                raise ValueError(
+                    f"clip_seconds {self.clip_seconds:g} at hop_size {self.hop_size} gives {frames} mel frames, but "
+                    f"spec_size {self.spec_size} with mel_bins {self.mel_bins} holds at most {fits}: raise spec_size "
+                    f"or hop_size, lower mel_bins, or shorten clip_seconds")
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)

@@ -507,3 +507,14 @@ def test_htsat_patch_norm_false_keeps_the_input_level_in_the_patch_tokens(patch_
         step = louder - quiet
         assert step.abs().max() > 0.1
         torch.testing.assert_close(loudest - quiet, 2 * step, atol=1e-3, rtol=1e-3)
+
+
+def test_htsat_config_that_cannot_fold_the_clip_fails_when_built_with_the_numbers():
+    # 4 s at hop 320 = 201 mel frames; spec_size 64 with 32 mel bins folds at most 64 * 2 = 128
+    fields = {**TINY_HTSAT, "sample_rate": 16000, "clip_seconds": 4.0, "hop_size": 320, "mel_bins": 32, "spec_size": 64}
+    with pytest.raises(ValueError, match=r"201 mel frames.*at most 128"):
+        HTSATEncoder.Config(**fields)
+    # the same image holds the clip at hop 640 (101 frames): built and run without laion's bare assert
+    encoder = HTSATEncoder(HTSATEncoder.Config(**{**fields, "hop_size": 640, "window_size": 1024}))
+    out = encoder(torch.randn(1, 64000) * 0.1, torch.tensor([64000]))
+    assert out.frames.shape[0] == 1
