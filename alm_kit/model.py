@@ -85,9 +85,16 @@ class AudioLanguageModel(nn.Module):
         return {name: enc.spec for name, enc in self.encoders.items()}
 
     @property
+    def cacheable_encoders(self) -> list[str]:
+        """Encoders frozen with no ``trainable`` parameters, in recipe order: their features never change
+        in training, so the feature cache can hold them."""
+        return [name for name, spec in zip(self.encoders, self.config.encoders)
+                if spec.train == "frozen" and not spec.trainable]
+
+    @property
     def encoders_frozen(self) -> bool:
         """Every encoder frozen, none with ``trainable`` parameters: its features never change."""
-        return all(spec.train == "frozen" and not spec.trainable for spec in self.config.encoders)
+        return len(self.cacheable_encoders) == len(self.encoders)
 
     @property
     def device(self) -> torch.device:
@@ -103,12 +110,14 @@ class AudioLanguageModel(nn.Module):
 
     # ------------------------------------------------------------------ forward pieces
     def encode(self, waveforms: dict[str, Tensor], lengths: dict[str, Tensor],
-               clips_per_pass: int | None = None) -> dict[str, AudioFeatures]:
-        """Every encoder's features for the batch's clips; ``clips_per_pass`` runs each encoder over
-        slices of that many clips (bounded activation memory; faster on CPU)."""
+               clips_per_pass: int | None = None, names: list[str] | None = None) -> dict[str, AudioFeatures]:
+        """Every encoder's (or the ``names`` encoders') features for the batch's clips; ``clips_per_pass``
+        runs each encoder over slices of that many clips (bounded activation memory; faster on CPU)."""
         device = self.device
         features = {}
         for name, enc in self.encoders.items():
+            if names is not None and name not in names:
+                continue
             wave = waveforms[name].to(device, non_blocking=True)
             length = lengths[name].to(device, non_blocking=True)
             clips = max(len(wave), 1)
@@ -118,13 +127,18 @@ class AudioLanguageModel(nn.Module):
         return features
 
     def batch_features(self, batch: Batch) -> dict[str, AudioFeatures]:
-        if batch.features is not None:
-            return {k: v.to(self.device, non_blocking=True) for k, v in batch.features.items()}
-        if batch.waveforms is None:
-            raise ValueError("batch has neither waveforms nor cached features")
-        frozen = self.encoders_frozen
+        """Every encoder's features: the cached ones from ``batch.features``, the others computed from
+        ``batch.waveforms`` (a cache may hold only the frozen encoders), in recipe order."""
+        cached = {k: v.to(self.device, non_blocking=True) for k, v in (batch.features or {}).items()}
+        live = [name for name in self.encoders if name not in cached]
+        if not live:
+            return {name: cached[name] for name in self.encoders}
+        if batch.waveforms is None or any(name not in batch.waveforms for name in live):
+            raise ValueError(f"batch has neither waveforms nor cached features for encoder(s) {', '.join(live)}")
+        frozen = set(live) <= set(self.cacheable_encoders)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            return self.encode(batch.waveforms, batch.lengths)
+            computed = self.encode(batch.waveforms, batch.lengths, names=live)
+        return {name: cached[name] if name in cached else computed[name] for name in self.encoders}
 
     def prompt_context(self, text: TextInputs, clips_per_example: list[int]) -> PromptContext:
         """Embeddings of each example's prompt tokens, one row per clip (the intent query's input)."""

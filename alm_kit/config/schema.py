@@ -145,8 +145,9 @@ class TrainingConfig:
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    #: frozen encoders: compute features once per clip and reuse them (docs/feature-cache.md).
-    #: auto: on disk when every encoder is frozen, else off; memory/disk insist (need every encoder frozen)
+    #: frozen encoders: compute features once per clip and reuse them (docs/feature-cache.md); encoders
+    #: that train (or have trainable parameters) run at every step beside the cache. auto: on disk when an
+    #: encoder is frozen (off when one left to run crops at random); memory/disk insist (need a frozen one)
     cache_features: Literal["auto", "off", "memory", "disk"] = "auto"
     #: where the disk cache lives; null: $ALM_KIT_CACHE/features or ~/.cache/alm-kit/features (shared by recipes)
     cache_dir: str | None = None

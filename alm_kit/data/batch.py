@@ -74,23 +74,31 @@ class AudioTextDataset(torch.utils.data.Dataset):
 class FeatureLookup(Protocol):
     """What the data path needs of a feature cache (alm_kit.training.feature_cache.FeatureCache)."""
 
+    #: the encoder ids it holds features for (the others get waveforms)
+    keys: Mapping[str, str]
+
     def lookup(self, source: AudioSource) -> Mapping[str, Any]: ...
 
 
 def example_item(example: Example, specs: Mapping[str, AudioSpec], *, train: bool, rng: np.random.Generator,
                  load_audio: bool = True, cache: FeatureLookup | None = None) -> dict:
-    """One example for :func:`collate`: its clips decoded and fitted per encoder, or their cached features."""
+    """One example for :func:`collate`: its clips decoded and fitted per encoder, or their cached features
+    (and, for the encoders the cache does not hold, the fitted clips)."""
+    item: dict[str, Any] = {"example": example, "clips": []}
     if cache is not None:
-        return {"example": example, "clips": [], "features": [cache.lookup(src) for src in example.audio]}
-    clips = []
-    if load_audio:
+        item["features"] = [cache.lookup(src) for src in example.audio]
+        specs = {enc: spec for enc, spec in specs.items() if enc not in cache.keys}
+        if not specs:
+            return item
+    clips = item["clips"]
+    if load_audio or cache is not None:
         for source in example.audio:
             try:
                 wave, rate = load_audio_file(source)
             except AudioError as exc:
                 raise AudioError(f"{example.source or example.id}: {exc}") from None
             clips.append(prepare_for_specs(wave, rate, specs, train=train, rng=rng))
-    return {"example": example, "clips": clips}
+    return item
 
 
 def collate_waveforms(clips: list[dict[str, tuple[np.ndarray, int]]], encoder_ids: list[str]

@@ -207,14 +207,25 @@ class Trainer:
         cache = open_cache(self.model, cfg)
         if cache is None:
             return None
-        crops = random_crop_encoders(self.model)
-        if crops:
-            self.log(f"feature cache: encoder(s) {', '.join(crops)} crop at random in training; cached "
+        cached_crops, live_crops = random_crop_encoders(self.model, cache)
+        if cached_crops:
+            self.log(f"feature cache: encoder(s) {', '.join(cached_crops)} crop at random in training; cached "
                      "features use the evaluation crop (training.cache_features=off for random crops)")
+        if live_crops:
+            self.log(f"feature cache: encoder(s) {', '.join(live_crops)} run at every step and crop at random, "
+                     f"the cached {', '.join(cache.keys)} use the evaluation crop: they see different parts "
+                     "of long clips (training.cache_features=off to keep them together)")
+        live = [name for name in self.model.encoders if name not in cache.keys]
+        if live:
+            self.log(f"feature cache: holds {', '.join(cache.keys)}; {', '.join(live)} train or have trainable "
+                     "parameters and run at every step")
         report = cache.fill(self.model, sources, total=total, progress=self.progress)
         where = getattr(cache.store, "root", "memory")
         self.log(f"feature cache ({where}): {report}")
-        if self.device.type == "cuda" and cfg.cache_on_device is not False and isinstance(sources, list):
+        # GPU-resident features only when no encoder runs live: the live ones need audio decoded in
+        # DataLoader worker processes, which cannot hand CUDA tensors on
+        whole = len(cache.keys) == len(self.model.encoders)
+        if self.device.type == "cuda" and cfg.cache_on_device is not False and isinstance(sources, list) and whole:
             free = torch.cuda.mem_get_info(self.device)[0]
             budget = free if cfg.cache_on_device is True else free // 5
             resident = cache.on_device(sources, self.device, budget)

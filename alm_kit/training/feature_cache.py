@@ -354,10 +354,12 @@ class FeatureCache:
         self.digests: dict[str, str] = {}
 
     @classmethod
-    def for_model(cls, model, store: MemoryStore | DiskStore) -> FeatureCache:
-        """Keys for the model's encoders (hashing their weights once)."""
+    def for_model(cls, model, store: MemoryStore | DiskStore, encoders: list[str] | None = None) -> FeatureCache:
+        """Keys for the model's encoders, or for the ``encoders`` named (hashing their weights once)."""
         keys, fixed = {}, {}
         for (enc_id, encoder), spec in zip(model.encoders.items(), model.config.encoders):
+            if encoders is not None and enc_id not in encoders:
+                continue
             identity = encoder_identity(spec.name, encoder, store.dtype)
             keys[enc_id] = identity_key(identity)
             store.prepare(keys[enc_id], identity)
@@ -412,7 +414,7 @@ class FeatureCache:
         from alm_kit.data.batch import collate_waveforms
 
         report = CacheReport()
-        specs = model.audio_specs
+        specs = {enc: spec for enc, spec in model.audio_specs.items() if enc in self.keys}
         was_training = model.training
         model.eval()
         bar = tqdm(total=total, desc=desc, unit="clip", disable=not progress)
@@ -470,26 +472,44 @@ def _unique(sources: Iterable[AudioSource]) -> Iterator[AudioSource]:
         yield source
 
 
-def cache_mode(setting: str, encoders_frozen: bool) -> Literal["off", "memory", "disk"]:
-    """``training.cache_features`` -> the store to use. auto: disk when every encoder is frozen."""
-    if setting in ("memory", "disk") and not encoders_frozen:
-        raise AlmKitError(f"training.cache_features: {setting} needs every encoder frozen (train: frozen, "
-                         "no trainable parameters); use auto or off")
+def cache_plan(setting: str, model) -> tuple[Literal["off", "memory", "disk"], list[str]]:
+    """``training.cache_features`` -> (the store to use, the encoders it holds).
+
+    Only encoders whose features never change in training can be cached: frozen, with no
+    ``trainable`` parameters (``model.cacheable_encoders``); the others run at every step on the
+    clips, as without a cache. ``auto``: a disk cache of every cacheable encoder, unless one of the
+    encoders left to run crops clips at random in training (its random crop and the cache's
+    evaluation crop would see different parts of a clip: then no cache). ``memory``/``disk``: every
+    cacheable encoder, an error when there is none.
+    """
+    if setting == "off":
+        return "off", []
+    cacheable = model.cacheable_encoders
+    if not cacheable:
+        if setting in ("memory", "disk"):
+            raise AlmKitError(f"training.cache_features: {setting} needs at least one encoder frozen (train: frozen, "
+                              "no trainable parameters), and every encoder of this recipe trains; use auto or off")
+        return "off", []
     if setting == "auto":
-        return "disk" if encoders_frozen else "off"
-    return setting  # type: ignore[return-value]
+        live = [name for name in model.encoders if name not in cacheable]
+        if any(model.audio_specs[name].crop == "random" for name in live):
+            return "off", []
+        return "disk", cacheable
+    return setting, cacheable  # type: ignore[return-value]
 
 
 def open_cache(model, training) -> FeatureCache | None:
     """The feature cache ``training.*`` asks for (None when off), before filling."""
-    mode = cache_mode(training.cache_features, model.encoders_frozen)
+    mode, encoders = cache_plan(training.cache_features, model)
     if mode == "off":
         return None
     store = DiskStore(resolve_cache_dir(training.cache_dir), training.cache_dtype) if mode == "disk" \
         else MemoryStore(training.cache_dtype)
-    return FeatureCache.for_model(model, store)
+    return FeatureCache.for_model(model, store, encoders)
 
 
-def random_crop_encoders(model) -> list[str]:
-    """Encoders whose training crop is random: a cache gives them the evaluation crop instead."""
-    return [name for name, spec in model.audio_specs.items() if spec.crop == "random"]
+def random_crop_encoders(model, cache: FeatureCache) -> tuple[list[str], list[str]]:
+    """Encoders whose training crop is random, (held by the cache: they get the evaluation crop
+    instead; run live beside a cache: they see another part of a clip than the cached encoders)."""
+    random = [name for name, spec in model.audio_specs.items() if spec.crop == "random"]
+    return [n for n in random if n in cache.keys], [n for n in random if n not in cache.keys]

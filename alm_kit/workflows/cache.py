@@ -11,7 +11,7 @@ from alm_kit.data.loading import ensure_training_data, load_examples
 from alm_kit.data.shards import read_shard, shard_paths
 from alm_kit.errors import AlmKitError
 from alm_kit.training.engine import Trainer
-from alm_kit.training.feature_cache import CacheReport, cache_mode, open_cache
+from alm_kit.training.feature_cache import CacheReport, cache_plan, open_cache
 
 
 def cache_recipe(recipe, *, progress: bool = True, batch_size: int = 16) -> dict[str, CacheReport]:
@@ -25,10 +25,12 @@ def cache_recipe(recipe, *, progress: bool = True, batch_size: int = 16) -> dict
         raise AlmKitError("the recipe names no training data (data.train)")
     trainer = Trainer(recipe, progress=progress)
     model = trainer.model
-    if cache_mode(training.cache_features, model.encoders_frozen) != "disk":
+    mode, _ = cache_plan(training.cache_features, model)
+    if mode != "disk":
         raise AlmKitError(f"nothing to cache ahead of time: training.cache_features is {training.cache_features}"
-                         + ("" if model.encoders_frozen else " and not every encoder is frozen")
-                         + "; the disk cache needs every encoder frozen and cache_features auto or disk")
+                         + ("" if model.cacheable_encoders else " and every encoder trains")
+                         + "; the disk cache needs a frozen encoder (no trainable parameters) and "
+                           "cache_features auto or disk")
     ensure_training_data(recipe, progress)
     cache = open_cache(model, training)
     reports = {}

@@ -80,16 +80,16 @@ def test_alarm_p_adapts_only_whisper_and_compresses_the_others():
 
 
 def test_trainable_names_parameters_of_a_frozen_component():
-    """A frozen Whisper whose layer mix trains: its features change, so they are not cached."""
+    """A frozen Whisper whose layer mix trains: its features change, so only HTS-AT's and CLAP's are cached."""
     from alm_kit.model import build_model
-    from alm_kit.training.feature_cache import cache_mode
+    from alm_kit.training.feature_cache import cache_plan
 
     recipe = load_recipe(TINY, ["data.synth=null"])
     model = build_model(recipe.model)
     whisper = model.encoders["whisper"]
     assert [n for n, p in whisper.named_parameters() if p.requires_grad] == ["layer_weights"]
     assert not any(p.requires_grad for p in model.decoder.parameters())
-    assert not model.encoders_frozen and cache_mode("auto", model.encoders_frozen) == "off"
+    assert not model.encoders_frozen and cache_plan("auto", model) == ("disk", ["htsat", "clap"])
     frozen = load_recipe(TINY, ["data.synth=null", "model.encoders.0.trainable=null"])
     assert build_model(frozen.model).encoders_frozen
     bad = load_recipe(TINY, ["data.synth=null", "model.encoders.0.trainable=[layer_weight]"])

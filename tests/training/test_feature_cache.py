@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +19,7 @@ from alm_kit.training.feature_cache import (
     DiskStore,
     FeatureCache,
     MemoryStore,
-    cache_mode,
+    cache_plan,
     from_tensors,
     open_cache,
     to_tensors,
@@ -158,13 +159,77 @@ def test_variable_length_frames_are_cut_to_the_clip(tmp_path):
 
 
 def test_cache_modes(tmp_path):
-    assert cache_mode("auto", True) == "disk" and cache_mode("auto", False) == "off"
-    assert cache_mode("memory", True) == "memory" and cache_mode("off", True) == "off"
-    with pytest.raises(ValueError, match="needs every encoder frozen"):
-        cache_mode("disk", False)
+    frozen = build_model(recipe_from_dict(tiny_recipe_dict()).model)
+    trains = build_model(recipe_from_dict(tiny_recipe_dict(**{"model.encoders": [
+        {"name": "htsat", "train": "full", "params": dict(TINY_HTSAT)}]})).model)
+    assert cache_plan("auto", frozen) == ("disk", ["htsat"]) and cache_plan("auto", trains) == ("off", [])
+    assert cache_plan("memory", frozen) == ("memory", ["htsat"]) and cache_plan("off", frozen) == ("off", [])
+    with pytest.raises(ValueError, match="needs at least one encoder frozen"):
+        cache_plan("disk", trains)
     recipe = recipe_from_dict(tiny_recipe_dict(**{"training.cache_dir": str(tmp_path / "here")}))
     cache = open_cache(build_model(recipe.model), recipe.training)
     assert cache.store.root == tmp_path / "here" and (tmp_path / "here").is_dir()
+
+
+def two_encoder_recipe(**changes) -> dict:
+    """ALARM's situation at toy size: a frozen HTS-AT, and a frozen Whisper whose layer mix trains."""
+    data = tiny_recipe_dict(**changes)
+    data["model"]["encoders"] = [
+        {"name": "htsat", "train": "frozen", "params": dict(TINY_HTSAT)},
+        {"name": "whisper", "train": "frozen", "trainable": ["layer_weights"],
+         "params": dict(TINY_WHISPER, pad="none", clip_seconds=2.0, layers=[1, 3])},
+    ]
+    data["model"]["fusion"] = {"name": "concat", "params": {"length": 8}}
+    data["model"]["projector"] = {"name": "mlp", "params": {"style": "gelu", "dropout": 0.0}}
+    data["model"]["layout"] = {"name": "placeholder"}
+    return data
+
+
+def test_a_cache_of_the_frozen_encoders_trains_as_without_one(tone_dataset, tmp_path):
+    """The frozen HTS-AT is cached, Whisper (trainable layer mix) runs at every step on the clips:
+    the same losses as without a cache, and the cache holds HTS-AT's features only."""
+    model = build_model(recipe_from_dict(two_encoder_recipe()).model)
+    assert model.cacheable_encoders == ["htsat"] and not model.encoders_frozen
+    assert cache_plan("auto", model) == ("disk", ["htsat"])
+    # a live encoder cropping at random would see other parts of a clip than the cached one: no cache
+    crops = two_encoder_recipe()
+    crops["model"]["encoders"][1]["params"]["crop"] = "random"
+    assert cache_plan("auto", build_model(recipe_from_dict(crops).model)) == ("off", [])
+
+    def run(mode, name):
+        data = two_encoder_recipe(**{"training.max_steps": 3, "training.cache_features": mode,
+                                     "training.cache_dir": str(tmp_path / "cache")})
+        data["data"] = {"train": str(tone_dataset)}
+        return train(recipe_from_dict(data), progress=False, run_dir=tmp_path / name)
+
+    off, memory, disk = run("off", "a"), run("memory", "b"), run("auto", "c")
+    assert memory.losses == pytest.approx(off.losses, rel=1e-4)
+    assert disk.losses == memory.losses
+    # the layer mix trained beside the cache (it starts uniform: all zeros)
+    from safetensors.torch import load_file
+
+    mix = load_file(disk.checkpoint / "model.safetensors")["encoders.whisper.layer_weights"]
+    assert mix.abs().max() > 1e-4
+    stored = list((tmp_path / "cache").rglob("*.safetensors"))
+    assert len(stored) == 2 and all(p.parent.parent.name.startswith("htsat-") for p in stored)
+
+    # the batches: cached HTS-AT features beside Whisper's waveforms
+    cache = FeatureCache.for_model(model, MemoryStore(), ["htsat"])
+    clip = tone_dataset.parent / "audio" / "t0.wav"
+    cache.fill(model, [clip], progress=False)
+    from alm_kit.data.batch import collate, example_item
+    from alm_kit.data.manifest import Example
+
+    item = example_item(Example(id="x", audio=[clip], prompt="p", response="r"), model.audio_specs, train=True,
+                        rng=np.random.default_rng(0), cache=cache)
+    batch = collate([item])
+    assert list(batch.features) == ["htsat"] and list(batch.waveforms) == ["whisper"]
+    with torch.no_grad():
+        features = model.batch_features(batch)
+        alone = encoded_alone(model, clip)
+    assert list(features) == ["htsat", "whisper"]
+    for name in features:
+        torch.testing.assert_close(features[name].frames, alone[name].frames, atol=1e-5, rtol=1e-5)
 
 
 def test_default_cache_dir_honours_alm_kit_cache(monkeypatch, tmp_path):
@@ -220,7 +285,7 @@ def test_cache_cli_refuses_a_recipe_whose_encoder_trains(tone_dataset, tmp_path,
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(data))
     assert main(["cache", str(recipe), "--quiet"]) == 2
-    assert "not every encoder is frozen" in capsys.readouterr().err
+    assert "every encoder trains" in capsys.readouterr().err
 
 
 def test_a_resident_copy_gives_the_stored_features_or_none_when_over_budget(tones, tmp_path):
