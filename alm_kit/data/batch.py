@@ -25,9 +25,10 @@ class Batch:
     clips_per_example: list[int]
     #: identity of each clip (its path, or shard/member name)
     clip_keys: list[str]
-    #: per encoder id: (clips, samples) and (clips,) real lengths; None when features come from a cache
+    #: per encoder id: (clips, samples) and (clips,) real lengths, for the encoders a cache does not hold
     waveforms: dict[str, Tensor] | None = None
     lengths: dict[str, Tensor] | None = None
+    #: per encoder id the features a cache holds (the other encoders get waveforms)
     features: dict[str, AudioFeatures] | None = None
 
     def __len__(self) -> int:
@@ -47,7 +48,7 @@ class Batch:
 
 
 class AudioTextDataset(torch.utils.data.Dataset):
-    """Examples -> dicts with per-encoder waveforms, or cached encoder features when ``cache`` is given.
+    """Examples -> dicts with per-encoder waveforms, and cached encoder features for the encoders ``cache`` holds.
 
     ``load_audio=False`` (without a cache) yields text only.
     """

@@ -1,7 +1,8 @@
 """Frozen-encoder feature cache: encode every clip once, train from the stored features.
 
-When every encoder is frozen (and deterministic in eval mode) its output for a clip
-never changes, so recomputing it each step is wasted work. Entries are keyed by
+A frozen encoder (deterministic in eval mode, no trainable parameters) gives the same output
+for a clip every time, so recomputing it each step is wasted work; encoders that train run at
+every step beside the cache (:func:`cache_plan`). Entries are keyed by
 
 * the clip's **content** (SHA-256 of the audio file's bytes, not its path), and
 * the **encoder key**: a hash of the encoder's registered name, class, provider and

@@ -27,10 +27,18 @@ def cache_recipe(recipe, *, progress: bool = True, batch_size: int = 16) -> dict
     model = trainer.model
     mode, _ = cache_plan(training.cache_features, model)
     if mode != "disk":
+        live = [n for n in model.encoders if n not in model.cacheable_encoders]
+        crops = [n for n in live if model.audio_specs[n].crop == "random"]
+        if not model.cacheable_encoders:
+            why = " and every encoder trains"
+        elif training.cache_features == "auto" and crops:
+            why = (f" and encoder(s) {', '.join(crops)}, which run at every step, crop at random (cached features "
+                   "would come from another part of each clip); set cache_features: disk to cache anyway")
+        else:
+            why = ""
         raise AlmKitError(f"nothing to cache ahead of time: training.cache_features is {training.cache_features}"
-                         + ("" if model.cacheable_encoders else " and every encoder trains")
-                         + "; the disk cache needs a frozen encoder (no trainable parameters) and "
-                           "cache_features auto or disk")
+                          + why + "; the disk cache needs a frozen encoder (no trainable parameters) and "
+                          "cache_features auto or disk")
     ensure_training_data(recipe, progress)
     cache = open_cache(model, training)
     reports = {}

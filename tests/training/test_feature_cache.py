@@ -202,7 +202,24 @@ def test_a_cache_of_the_frozen_encoders_trains_as_without_one(tone_dataset, tmp_
         data["data"] = {"train": str(tone_dataset)}
         return train(recipe_from_dict(data), progress=False, run_dir=tmp_path / name)
 
-    off, memory, disk = run("off", "a"), run("memory", "b"), run("auto", "c")
+    from alm_kit.encoders.htsat import HTSATEncoder
+
+    encoded = []
+    forward = HTSATEncoder.forward
+
+    def counting(self, waveforms, lengths):
+        encoded.append(waveforms.shape[0])
+        return forward(self, waveforms, lengths)
+
+    off = run("off", "a")
+    HTSATEncoder.forward = counting
+    try:
+        memory = run("memory", "b")
+    finally:
+        HTSATEncoder.forward = forward
+    # HTS-AT ran once per distinct sound while filling, never in the steps (the trainer reads the cache)
+    assert sum(encoded) == 2, encoded
+    disk = run("auto", "c")
     assert memory.losses == pytest.approx(off.losses, rel=1e-4)
     assert disk.losses == memory.losses
     # the layer mix trained beside the cache (it starts uniform: all zeros)
@@ -211,6 +228,7 @@ def test_a_cache_of_the_frozen_encoders_trains_as_without_one(tone_dataset, tmp_
     mix = load_file(disk.checkpoint / "model.safetensors")["encoders.whisper.layer_weights"]
     assert mix.abs().max() > 1e-4
     stored = list((tmp_path / "cache").rglob("*.safetensors"))
+    # 8 files but two distinct sounds (entries are keyed by content), one cached encoder
     assert len(stored) == 2 and all(p.parent.parent.name.startswith("htsat-") for p in stored)
 
     # the batches: cached HTS-AT features beside Whisper's waveforms
@@ -301,3 +319,21 @@ def test_a_resident_copy_gives_the_stored_features_or_none_when_over_budget(tone
         assert torch.equal(got.frames, want.frames) and torch.equal(got.mask, want.mask)
         assert torch.equal(got.pooled, want.pooled)
     assert cache.on_device(tones, torch.device("cpu"), budget_bytes=100) is None
+
+
+def test_cache_cli_names_the_live_encoder_whose_random_crop_turns_auto_off(tone_dataset, tmp_path, capsys):
+    import yaml
+
+    from alm_kit.cli import main
+
+    data = two_encoder_recipe()
+    data["model"]["encoders"][1]["params"]["crop"] = "random"
+    data["data"] = {"train": str(tone_dataset)}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    assert main(["cache", str(recipe), "--quiet", f"training.cache_dir={tmp_path / 'cache'}"]) == 2
+    assert "encoder(s) whisper, which run at every step, crop at random" in capsys.readouterr().err
+    # asked for explicitly, the frozen HTS-AT is cached anyway
+    assert main(["cache", str(recipe), "--quiet", f"training.cache_dir={tmp_path / 'cache'}",
+                 "training.cache_features=disk"]) == 0
+    assert "2 clips: 0 hits, 2 misses" in capsys.readouterr().out
