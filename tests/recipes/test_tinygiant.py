@@ -99,8 +99,8 @@ def test_tiny_tinygiant_trains_and_generates(tmp_path):
     model, saved = load_checkpoint(result.checkpoint)
     assert saved.model == recipe.model
     assert list(model.encoders) == ["whisper", "htsat", "clap"]
-    assert model.fusion.info.frame_dim == 64 + 32 and model.fusion.info.pooled_dim == 64 + 32 + 16
-    assert model.projector.gate.in_features == 16 and model.projector.gate_columns == (96, 112)
+    assert model.fusion.info.frame_dim == 64 + 64 and model.fusion.info.pooled_dim == 64 + 64 + 16
+    assert model.projector.gate.in_features == 16 and model.projector.gate_columns == (128, 144)
     assert model.decoder.lm.config.model_type == "qwen3"
     items = read_benchmark(data / "test.json").items
     outputs = generate(model, [Request(audio=i.audio, prompt=i.question) for i in items], saved.generation)
