@@ -224,11 +224,10 @@ class Trainer:
         self.log(f"feature cache ({where}): {report}")
         # GPU-resident features only when no encoder runs live: the live ones need audio decoded in
         # DataLoader worker processes, which cannot hand CUDA tensors on
-        whole = len(cache.keys) == len(self.model.encoders)
-        if cfg.cache_on_device is True and not whole:
+        if cfg.cache_on_device is True and live:
             self.log("feature cache: training.cache_on_device=true is not used: encoders that run at every step "
                      "need their audio decoded in worker processes, so a partial cache stays in host memory")
-        if self.device.type == "cuda" and cfg.cache_on_device is not False and isinstance(sources, list) and whole:
+        if self.device.type == "cuda" and cfg.cache_on_device is not False and isinstance(sources, list) and not live:
             free = torch.cuda.mem_get_info(self.device)[0]
             budget = free if cfg.cache_on_device is True else free // 5
             resident = cache.on_device(sources, self.device, budget)

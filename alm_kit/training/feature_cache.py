@@ -492,11 +492,14 @@ def cache_plan(setting: str, model) -> tuple[Literal["off", "memory", "disk"], l
                               "no trainable parameters), and every encoder of this recipe trains; use auto or off")
         return "off", []
     if setting == "auto":
-        live = [name for name in model.encoders if name not in cacheable]
-        if any(model.audio_specs[name].crop == "random" for name in live):
-            return "off", []
-        return "disk", cacheable
+        return ("off", []) if live_random_crops(model) else ("disk", cacheable)
     return setting, cacheable  # type: ignore[return-value]
+
+
+def live_random_crops(model) -> list[str]:
+    """Encoders that cannot be cached (they train) and crop clips at random in training."""
+    cacheable = model.cacheable_encoders
+    return [name for name, spec in model.audio_specs.items() if name not in cacheable and spec.crop == "random"]
 
 
 def open_cache(model, training) -> FeatureCache | None:

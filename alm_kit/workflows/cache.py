@@ -11,7 +11,7 @@ from alm_kit.data.loading import ensure_training_data, load_examples
 from alm_kit.data.shards import read_shard, shard_paths
 from alm_kit.errors import AlmKitError
 from alm_kit.training.engine import Trainer
-from alm_kit.training.feature_cache import CacheReport, cache_plan, open_cache
+from alm_kit.training.feature_cache import CacheReport, cache_plan, live_random_crops, open_cache
 
 
 def cache_recipe(recipe, *, progress: bool = True, batch_size: int = 16) -> dict[str, CacheReport]:
@@ -27,8 +27,7 @@ def cache_recipe(recipe, *, progress: bool = True, batch_size: int = 16) -> dict
     model = trainer.model
     mode, _ = cache_plan(training.cache_features, model)
     if mode != "disk":
-        live = [n for n in model.encoders if n not in model.cacheable_encoders]
-        crops = [n for n in live if model.audio_specs[n].crop == "random"]
+        crops = live_random_crops(model)
         if not model.cacheable_encoders:
             why = " and every encoder trains"
         elif training.cache_features == "auto" and crops:
